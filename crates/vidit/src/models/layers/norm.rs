@@ -1,0 +1,58 @@
+//! Normalisations, written from tensor primitives: two-pass statistics (as PyTorch computes them)
+//! and differentiable, which candle's fused kernels are not.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// LayerNorm over the last dimension, optionally affine (`weight`, `bias`).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    affine: Option<(Tensor, Tensor)>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// With `weight` and `bias` loaded from `vb`.
+    pub fn affine(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get(dim, "weight")?;
+        let bias = vb.get(dim, "bias")?;
+        Ok(Self { affine: Some((weight, bias)), eps })
+    }
+
+    /// Without parameters (`elementwise_affine=False`).
+    pub fn plain(eps: f64) -> Self {
+        Self { affine: None, eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(match &self.affine {
+            Some((w, b)) => normed.broadcast_mul(w)?.broadcast_add(b)?,
+            None => normed,
+        })
+    }
+}
+
+/// RMSNorm over the last dimension with a learned gain: x · rsqrt(mean(x²) + eps) · weight.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
+        Ok(normed.broadcast_mul(&self.weight)?)
+    }
+}

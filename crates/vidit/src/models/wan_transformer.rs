@@ -1,0 +1,428 @@
+//! `WanTransformer3DModel`: the Wan 2.1 diffusion transformer. Latent video is cut into
+//! (1, 2, 2) patches, each a token; blocks of self-attention (3-D RoPE, q/k RMSNorm), cross-attention
+//! to the text and a gated feed-forward are modulated by the timestep (adaLN scale/shift/gate).
+//! The output is the flow velocity v = ε − x0, shaped like the input latents.
+
+use super::layers::attention::sdpa;
+use super::layers::norm::{LayerNorm, RmsNorm};
+use super::layers::{apply, linear};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+use serde::Deserialize;
+
+/// `transformer/config.json`, with diffusers' defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct WanTransformerConfig {
+    pub patch_size: [usize; 3],
+    pub num_attention_heads: usize,
+    pub attention_head_dim: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub text_dim: usize,
+    pub freq_dim: usize,
+    pub ffn_dim: usize,
+    pub num_layers: usize,
+    pub cross_attn_norm: bool,
+    pub qk_norm: Option<String>,
+    pub eps: f64,
+    pub image_dim: Option<usize>,
+    pub added_kv_proj_dim: Option<usize>,
+    pub rope_max_seq_len: usize,
+    pub pos_embed_seq_len: Option<usize>,
+}
+
+impl Default for WanTransformerConfig {
+    fn default() -> Self {
+        Self {
+            patch_size: [1, 2, 2],
+            num_attention_heads: 40,
+            attention_head_dim: 128,
+            in_channels: 16,
+            out_channels: 16,
+            text_dim: 4096,
+            freq_dim: 256,
+            ffn_dim: 13824,
+            num_layers: 40,
+            cross_attn_norm: true,
+            qk_norm: Some("rms_norm_across_heads".into()),
+            eps: 1e-6,
+            image_dim: None,
+            added_kv_proj_dim: None,
+            rope_max_seq_len: 1024,
+            pos_embed_seq_len: None,
+        }
+    }
+}
+
+impl WanTransformerConfig {
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.image_dim.is_some() || self.added_kv_proj_dim.is_some() {
+            bail!("image conditioning (key `image_dim` / `added_kv_proj_dim`, Wan I2V) is not supported yet");
+        }
+        if self.qk_norm.as_deref() != Some("rms_norm_across_heads") {
+            bail!("key `qk_norm`: only \"rms_norm_across_heads\" is supported");
+        }
+        if self.patch_size[0] == 0 || self.patch_size[1] == 0 || self.patch_size[2] == 0 {
+            bail!("key `patch_size` must be positive");
+        }
+        if self.attention_head_dim % 2 != 0 || self.num_attention_heads == 0 {
+            bail!("key `attention_head_dim` must be even and `num_attention_heads` positive");
+        }
+        Ok(())
+    }
+}
+
+/// 3-D rotary position embedding: the head dimension is split into time/height/width parts
+/// (h = w = 2⌊d/6⌋, t = the rest), each a 1-D table over integer positions, built in f64.
+pub struct WanRotaryPosEmbed {
+    /// Per axis (t, h, w): (cos, sin) tables `(max_seq_len, part/2)`.
+    tables: Vec<(Tensor, Tensor)>,
+    patch_size: [usize; 3],
+}
+
+impl WanRotaryPosEmbed {
+    pub fn new(head_dim: usize, patch_size: [usize; 3], max_seq_len: usize, device: &Device) -> Result<Self> {
+        let hw = 2 * (head_dim / 6);
+        let parts = [head_dim - 2 * hw, hw, hw];
+        let tables = parts
+            .iter()
+            .map(|&dim| {
+                let half = dim / 2;
+                let mut cos = Vec::with_capacity(max_seq_len * half);
+                let mut sin = Vec::with_capacity(max_seq_len * half);
+                for pos in 0..max_seq_len {
+                    for j in 0..half {
+                        let freq = 1.0 / 10000f64.powf((2 * j) as f64 / dim as f64);
+                        let angle = pos as f64 * freq;
+                        cos.push(angle.cos() as f32);
+                        sin.push(angle.sin() as f32);
+                    }
+                }
+                Ok((
+                    Tensor::from_vec(cos, (max_seq_len, half), device)?,
+                    Tensor::from_vec(sin, (max_seq_len, half), device)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { tables, patch_size })
+    }
+
+    /// (cos, sin) per token for a latent grid `(F, H, W)`: each `(L, head_dim/2)`, tokens in (f, h, w) order.
+    pub fn forward(&self, frames: usize, height: usize, width: usize) -> Result<(Tensor, Tensor)> {
+        let grid = [frames / self.patch_size[0], height / self.patch_size[1], width / self.patch_size[2]];
+        let mut cos_parts = Vec::new();
+        let mut sin_parts = Vec::new();
+        for (axis, (cos, sin)) in self.tables.iter().enumerate() {
+            if grid[axis] > cos.dim(0)? {
+                bail!("latent grid {grid:?} exceeds rope_max_seq_len {}", cos.dim(0)?);
+            }
+            let mut shape = [1usize, 1, 1, cos.dim(1)?];
+            shape[axis] = grid[axis];
+            let target = (grid[0], grid[1], grid[2], cos.dim(1)?);
+            cos_parts.push(cos.narrow(0, 0, grid[axis])?.reshape(&shape[..])?.broadcast_as(target)?);
+            sin_parts.push(sin.narrow(0, 0, grid[axis])?.reshape(&shape[..])?.broadcast_as(target)?);
+        }
+        let tokens = grid[0] * grid[1] * grid[2];
+        let cos = Tensor::cat(&cos_parts, D::Minus1)?.reshape((tokens, ()))?;
+        let sin = Tensor::cat(&sin_parts, D::Minus1)?.reshape((tokens, ()))?;
+        Ok((cos, sin))
+    }
+}
+
+/// Rotates interleaved pairs of `x (B, L, H, D)` by the per-token angles `(L, D/2)`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, l, h, d) = x.dims4()?;
+    let pairs = x.reshape((b, l, h, d / 2, 2))?;
+    let x1 = pairs.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?; // (B, L, H, D/2)
+    let x2 = pairs.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
+    let cos = cos.reshape((1, l, 1, d / 2))?;
+    let sin = sin.reshape((1, l, 1, d / 2))?;
+    let even = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let odd = (x1.broadcast_mul(&sin)? + x2.broadcast_mul(&cos)?)?;
+    Ok(Tensor::stack(&[even, odd], D::Minus1)?.reshape((b, l, h, d))?)
+}
+
+/// Attention with q/k RMSNorm across all heads (before the head split), as `WanAttention`.
+pub struct WanAttention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+    heads: usize,
+}
+
+impl WanAttention {
+    fn new(dim: usize, heads: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            to_q: linear(dim, dim, vb.pp("to_q"))?,
+            to_k: linear(dim, dim, vb.pp("to_k"))?,
+            to_v: linear(dim, dim, vb.pp("to_v"))?,
+            to_out: linear(dim, dim, vb.pp("to_out.0"))?,
+            norm_q: RmsNorm::new(dim, eps, vb.pp("norm_q"))?,
+            norm_k: RmsNorm::new(dim, eps, vb.pp("norm_k"))?,
+            heads,
+        })
+    }
+
+    /// Projects the keys and values of a context `(B, S, dim)` into `(B, H, S, D)`.
+    pub fn key_values(&self, context: &Tensor, rope: Option<&(Tensor, Tensor)>) -> Result<(Tensor, Tensor)> {
+        let k = self.norm_k.forward(&apply(&self.to_k, context)?)?;
+        let v = apply(&self.to_v, context)?;
+        let mut k = self.split_heads(&k)?; // (B, S, H, D)
+        if let Some((cos, sin)) = rope {
+            k = apply_rope(&k, cos, sin)?;
+        }
+        Ok((k.transpose(1, 2)?, self.split_heads(&v)?.transpose(1, 2)?))
+    }
+
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, dim) = x.dims3()?;
+        Ok(x.reshape((b, l, self.heads, dim / self.heads))?)
+    }
+
+    /// `x (B, L, dim)` attends to the keys/values from [`Self::key_values`]; RoPE on q when given.
+    pub fn forward(&self, x: &Tensor, kv: &(Tensor, Tensor), rope: Option<&(Tensor, Tensor)>) -> Result<Tensor> {
+        let (b, l, dim) = x.dims3()?;
+        let q = self.norm_q.forward(&apply(&self.to_q, x)?)?;
+        let mut q = self.split_heads(&q)?; // (B, L, H, D)
+        if let Some((cos, sin)) = rope {
+            q = apply_rope(&q, cos, sin)?;
+        }
+        let head_dim = dim / self.heads;
+        let out = sdpa(&q.transpose(1, 2)?, &kv.0, &kv.1, 1.0 / (head_dim as f64).sqrt(), None)?; // (B, H, L, D)
+        let out = out.transpose(1, 2)?.reshape((b, l, dim))?;
+        apply(&self.to_out, &out)
+    }
+}
+
+pub struct WanTransformerBlock {
+    norm1: LayerNorm,
+    attn1: WanAttention,
+    norm2: Option<LayerNorm>,
+    attn2: WanAttention,
+    norm3: LayerNorm,
+    ffn_in: Linear,
+    ffn_out: Linear,
+    /// `(1, 6, dim)`: shift, scale, gate (attention) and shift, scale, gate (feed-forward).
+    scale_shift_table: Tensor,
+}
+
+impl WanTransformerBlock {
+    fn new(cfg: &WanTransformerConfig, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let heads = cfg.num_attention_heads;
+        Ok(Self {
+            norm1: LayerNorm::plain(cfg.eps),
+            attn1: WanAttention::new(dim, heads, cfg.eps, vb.pp("attn1"))?,
+            norm2: if cfg.cross_attn_norm { Some(LayerNorm::affine(dim, cfg.eps, vb.pp("norm2"))?) } else { None },
+            attn2: WanAttention::new(dim, heads, cfg.eps, vb.pp("attn2"))?,
+            norm3: LayerNorm::plain(cfg.eps),
+            ffn_in: linear(dim, cfg.ffn_dim, vb.pp("ffn.net.0.proj"))?,
+            ffn_out: linear(cfg.ffn_dim, dim, vb.pp("ffn.net.2"))?,
+            scale_shift_table: vb.get((1, 6, dim), "scale_shift_table")?,
+        })
+    }
+
+    /// `x (B, L, dim)`; `timestep_proj (B, S, 6, dim)` with S = 1 or L; `text_kv` from
+    /// [`WanAttention::key_values`] of `attn2`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        timestep_proj: &Tensor,
+        text_kv: &(Tensor, Tensor),
+        rope: &(Tensor, Tensor),
+    ) -> Result<Tensor> {
+        let modulation = timestep_proj.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?; // (B, S, 6, dim)
+        let m = |i: usize| modulation.narrow(2, i, 1).and_then(|t| t.squeeze(2)); // (B, S, dim)
+        let (shift, scale, gate) = (m(0)?, m(1)?, m(2)?);
+        let (c_shift, c_scale, c_gate) = (m(3)?, m(4)?, m(5)?);
+
+        // 1. Self-attention on the modulated norm, gated residual.
+        let h = self.norm1.forward(x)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?; // (B, L, dim)
+        let self_kv = self.attn1.key_values(&h, Some(rope))?;
+        let attn = self.attn1.forward(&h, &self_kv, Some(rope))?;
+        let x = (x + attn.broadcast_mul(&gate)?)?;
+
+        // 2. Cross-attention to the text: plain residual, no modulation.
+        let h = match &self.norm2 {
+            Some(norm) => norm.forward(&x)?,
+            None => x.clone(),
+        };
+        let x = (&x + self.attn2.forward(&h, text_kv, None)?)?;
+
+        // 3. Feed-forward (GELU, tanh approximation) on the modulated norm, gated residual.
+        let h = self.norm3.forward(&x)?.broadcast_mul(&(c_scale + 1.0)?)?.broadcast_add(&c_shift)?;
+        let ff = apply(&self.ffn_out, &apply(&self.ffn_in, &h)?.gelu()?)?;
+        Ok((x + ff.broadcast_mul(&c_gate)?)?)
+    }
+}
+
+/// The text context projected once per prompt, with every block's cross-attention keys and values.
+/// The same at every denoising step, so a pipeline computes it once.
+pub struct TextContext {
+    kv: Vec<(Tensor, Tensor)>,
+}
+
+pub struct WanTransformer3DModel {
+    pub config: WanTransformerConfig,
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    time_proj: Linear,
+    text_linear_1: Linear,
+    text_linear_2: Linear,
+    pub blocks: Vec<WanTransformerBlock>,
+    norm_out: LayerNorm,
+    proj_out: Linear,
+    scale_shift_table: Tensor,
+    rope: WanRotaryPosEmbed,
+}
+
+/// Intermediate tensors of one forward pass, for parity checks against the reference.
+#[derive(Default)]
+pub struct Trace {
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+impl Trace {
+    fn record(trace: &mut Option<&mut Trace>, name: impl Into<String>, t: &Tensor) {
+        if let Some(trace) = trace {
+            trace.tensors.push((name.into(), t.clone()));
+        }
+    }
+}
+
+impl WanTransformer3DModel {
+    pub fn new(config: WanTransformerConfig, vb: VarBuilder) -> Result<Self> {
+        config.validate()?;
+        let dim = config.inner_dim();
+        let [pt, ph, pw] = config.patch_size;
+        let patch_weight = vb.get((dim, config.in_channels, pt, ph, pw), "patch_embedding.weight")?;
+        let patch_bias = vb.get(dim, "patch_embedding.bias")?;
+        let ce = vb.pp("condition_embedder");
+        let blocks = (0..config.num_layers)
+            .map(|i| WanTransformerBlock::new(&config, vb.pp("blocks").pp(i)))
+            .collect::<Result<_>>()?;
+        let out_dim = config.out_channels * pt * ph * pw;
+        Ok(Self {
+            patch_weight: patch_weight.reshape((dim, ()))?.t()?.contiguous()?, // (C·pt·ph·pw, dim)
+            patch_bias,
+            time_linear_1: linear(config.freq_dim, dim, ce.pp("time_embedder.linear_1"))?,
+            time_linear_2: linear(dim, dim, ce.pp("time_embedder.linear_2"))?,
+            time_proj: linear(dim, dim * 6, ce.pp("time_proj"))?,
+            text_linear_1: linear(config.text_dim, dim, ce.pp("text_embedder.linear_1"))?,
+            text_linear_2: linear(dim, dim, ce.pp("text_embedder.linear_2"))?,
+            blocks,
+            norm_out: LayerNorm::plain(config.eps),
+            proj_out: linear(dim, out_dim, vb.pp("proj_out"))?,
+            scale_shift_table: vb.get((1, 2, dim), "scale_shift_table")?,
+            rope: WanRotaryPosEmbed::new(config.attention_head_dim, config.patch_size, config.rope_max_seq_len, vb.device())?,
+            config,
+        })
+    }
+
+    /// Sinusoidal timestep features `[cos | sin]` (flip_sin_to_cos, shift 0), in f32 as diffusers.
+    fn timestep_features(&self, t: &Tensor) -> Result<Tensor> {
+        let half = self.config.freq_dim / 2;
+        let exponent = -(10000f64.ln() as f32);
+        let freqs: Vec<f32> = (0..half).map(|j| (exponent * j as f32 / half as f32).exp()).collect();
+        let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+        let args = t.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?.broadcast_mul(&freqs)?; // (N, half)
+        Ok(Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?)
+    }
+
+    /// Projects text embeddings `(B, S, text_dim)` and precomputes every block's cross-attention
+    /// keys and values.
+    pub fn text_context(&self, encoder_hidden_states: &Tensor) -> Result<TextContext> {
+        self.text_context_traced(encoder_hidden_states, &mut None)
+    }
+
+    fn text_context_traced(&self, text: &Tensor, trace: &mut Option<&mut Trace>) -> Result<TextContext> {
+        let h = apply(&self.text_linear_1, text)?.gelu()?;
+        let h = apply(&self.text_linear_2, &h)?; // (B, S, dim)
+        Trace::record(trace, "condition_embedder.2", &h);
+        let kv = self.blocks.iter().map(|b| b.attn2.key_values(&h, None)).collect::<Result<_>>()?;
+        Ok(TextContext { kv })
+    }
+
+    /// Predicts the flow velocity for latents `(B, C, F, H, W)` at `timestep` (`(B,)`, or `(B, L)`
+    /// per token) given the text context.
+    pub fn forward(&self, latents: &Tensor, timestep: &Tensor, text: &TextContext) -> Result<Tensor> {
+        self.forward_traced(latents, timestep, text, &mut None)
+    }
+
+    /// [`Self::forward`] on raw text embeddings, recording every stage (for parity tests).
+    pub fn forward_with_trace(&self, latents: &Tensor, timestep: &Tensor, text: &Tensor) -> Result<(Tensor, Trace)> {
+        let mut trace = Trace::default();
+        let context = self.text_context_traced(text, &mut Some(&mut trace))?;
+        let out = self.forward_traced(latents, timestep, &context, &mut Some(&mut trace))?;
+        Ok((out, trace))
+    }
+
+    fn forward_traced(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        text: &TextContext,
+        trace: &mut Option<&mut Trace>,
+    ) -> Result<Tensor> {
+        let (b, c, f, h, w) = latents.dims5()?;
+        let [pt, ph, pw] = self.config.patch_size;
+        if c != self.config.in_channels || f % pt != 0 || h % ph != 0 || w % pw != 0 {
+            bail!("latents {:?} do not fit in_channels {} and patch size {:?}", latents.dims(), self.config.in_channels, self.config.patch_size);
+        }
+        let (gf, gh, gw) = (f / pt, h / ph, w / pw);
+        let tokens = gf * gh * gw;
+        let dim = self.config.inner_dim();
+        let rope = self.rope.forward(f, h, w)?;
+
+        // Patch embedding: a Conv3d with kernel = stride = patch, as one matmul over patches.
+        let patches = latents
+            .reshape(&[b, c, gf, pt, gh, ph, gw, pw][..])?
+            .permute(&[0usize, 2, 4, 6, 1, 3, 5, 7][..])? // (B, F', H', W', C, pt, ph, pw)
+            .reshape((b, tokens, c * pt * ph * pw))?;
+        let x = patches.broadcast_matmul(&self.patch_weight)?.broadcast_add(&self.patch_bias)?; // (B, L, dim)
+        Trace::record(trace, "patch_embedding", &x);
+
+        // Timestep embedding: (B, S, dim) with S = 1 (one timestep per sample) or L (per token).
+        let timestep = if timestep.rank() == 1 { timestep.unsqueeze(1)? } else { timestep.clone() };
+        let s = timestep.dim(1)?;
+        let features = self.timestep_features(&timestep.flatten_all()?)?; // (B·S, freq_dim)
+        let temb = apply(&self.time_linear_2, &apply(&self.time_linear_1, &features)?.silu()?)?; // (B·S, dim)
+        let timestep_proj = apply(&self.time_proj, &temb.silu()?)?; // (B·S, 6·dim)
+        Trace::record(trace, "condition_embedder.0", &temb);
+        Trace::record(trace, "condition_embedder.1", &timestep_proj);
+        let temb = temb.reshape((b, s, dim))?;
+        let timestep_proj = timestep_proj.reshape((b, s, 6, dim))?;
+
+        let mut x = x;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, &timestep_proj, &text.kv[i], &rope)?;
+            Trace::record(trace, format!("blocks.{i}"), &x);
+        }
+
+        // Output head, modulated by temb (not the 6-way projection).
+        let modulation = temb.unsqueeze(2)?.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?; // (B, S, 2, dim)
+        let shift = modulation.narrow(2, 0, 1)?.squeeze(2)?;
+        let scale = modulation.narrow(2, 1, 1)?.squeeze(2)?;
+        let x = self.norm_out.forward(&x)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
+        Trace::record(trace, "norm_out", &x);
+        let x = apply(&self.proj_out, &x)?; // (B, L, C_out·pt·ph·pw)
+        Trace::record(trace, "proj_out", &x);
+
+        // Unpatchify: (B, F', H', W', pt, ph, pw, C) → (B, C, F, H, W).
+        let out_c = self.config.out_channels;
+        Ok(x.reshape(&[b, gf, gh, gw, pt, ph, pw, out_c][..])?
+            .permute(&[0usize, 7, 1, 4, 2, 5, 3, 6][..])?
+            .reshape((b, out_c, f, h, w))?)
+    }
+}

@@ -1,0 +1,91 @@
+//! Text-to-video, as diffusers' `WanPipeline`: encode the prompt (and the negative prompt for
+//! classifier-free guidance), denoise Gaussian latents step by step, de-normalise, VAE-decode.
+
+use super::wan::WanModel;
+use crate::schedulers::Scheduler;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+/// One generation request. Sizes are in pixels; `num_frames` must be 4k + 1.
+#[derive(Debug, Clone)]
+pub struct TextToVideo {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub height: usize,
+    pub width: usize,
+    pub num_frames: usize,
+    pub num_inference_steps: usize,
+    pub guidance_scale: f64,
+    pub max_sequence_length: usize,
+    pub seed: u64,
+    /// Initial noise `(1, C, T, h, w)` to use instead of drawing it from `seed`.
+    pub init_latents: Option<Tensor>,
+}
+
+pub struct TextToVideoOutput {
+    /// Final latents `(1, C, T, h, w)`, before de-normalisation.
+    pub latents: Tensor,
+    /// Decoded frames `(F, 3, H, W)` in [0, 1].
+    pub frames: Tensor,
+}
+
+impl TextToVideo {
+    /// The latent shape `(1, C, T, h, w)` for this request.
+    pub fn latent_shape(&self, model: &WanModel) -> [usize; 5] {
+        let vae = &model.vae.config;
+        [
+            1,
+            model.transformer.config.in_channels,
+            (self.num_frames - 1) / vae.temporal_factor() + 1,
+            self.height / vae.spatial_factor(),
+            self.width / vae.spatial_factor(),
+        ]
+    }
+
+    /// Runs the pipeline. `on_step(i, n)` is called after each denoising step.
+    pub fn run(
+        &self,
+        model: &WanModel,
+        scheduler: &mut dyn Scheduler,
+        mut on_step: impl FnMut(usize, usize),
+    ) -> Result<TextToVideoOutput> {
+        let device = &model.device;
+        let shape = self.latent_shape(model);
+        let cfg = self.guidance_scale > 1.0;
+
+        // Text: conditional and unconditional contexts, batched so one forward serves both.
+        let mut prompts = vec![self.prompt.clone()];
+        if cfg {
+            prompts.push(self.negative_prompt.clone());
+        }
+        let embeds = model.text.encode(&prompts, self.max_sequence_length, device)?; // (1 or 2, S, d)
+        let context = model.transformer.text_context(&embeds)?;
+
+        let mut latents = match &self.init_latents {
+            Some(l) if l.dims() == shape => l.to_device(device)?,
+            Some(l) => bail!("initial latents have shape {:?}, expected {shape:?}", l.dims()),
+            None => crate::noise::randn(self.seed, &shape, device)?,
+        };
+        scheduler.set_timesteps(self.num_inference_steps)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let batch = prompts.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let timestep = Tensor::new(vec![t; batch], device)?;
+            let velocity = model.transformer.forward(&input, &timestep, &context)?;
+            let velocity = if cfg {
+                let cond = velocity.narrow(0, 0, 1)?;
+                let uncond = velocity.narrow(0, 1, 1)?;
+                (&uncond + ((cond - &uncond)? * self.guidance_scale)?)?
+            } else {
+                velocity
+            };
+            latents = scheduler.step(&velocity, &latents)?;
+            on_step(i + 1, timesteps.len());
+        }
+
+        let pixels = model.vae.decode(&model.vae.denormalize(&latents)?)?; // (1, 3, F, H, W) in [−1, 1]
+        let frames = (pixels * 0.5)?.affine(1.0, 0.5)?.clamp(0f32, 1f32)?.squeeze(0)?.permute((1, 0, 2, 3))?;
+        Ok(TextToVideoOutput { latents, frames: frames.contiguous()? })
+    }
+}

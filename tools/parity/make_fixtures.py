@@ -1,0 +1,309 @@
+"""Builds vidit's parity fixtures with the reference implementation (diffusers / transformers).
+
+Run by hand in a virtual environment outside the repository (see requirements.txt), never in CI:
+
+    /root/vidit-ref/bin/python tools/parity/make_fixtures.py tests/fixtures
+
+Everything is random-weight and tiny, float32 on CPU, seeded, so a rerun gives the same tensor values.
+Outputs (a few MB in all):
+
+    tiny-wan/                 a complete WanPipeline folder written by save_pretrained
+    transformer.safetensors   WanTransformer3DModel forward, batch 2, with per-stage intermediates
+    vae.safetensors           AutoencoderKLWan encode (posterior mean) and decode, batch 2, 9 frames
+    umt5.safetensors          token ids, masks, UMT5 last hidden state, zero-padded prompt embeddings
+    schedulers.safetensors    UniPC / FlowMatchEuler timesteps, sigmas and trajectories
+    pipeline_unipc.safetensors, pipeline_euler.safetensors
+                              full 3-step WanPipeline runs with CFG from given latents
+    manifest.json             versions and the exact inputs of each record
+"""
+
+import json
+import os
+import sys
+
+import diffusers
+import numpy as np
+import tokenizers
+import torch
+import transformers
+from diffusers import (
+    AutoencoderKLWan,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+torch.set_num_threads(2)
+OUT = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures"
+os.makedirs(OUT, exist_ok=True)
+manifest = {
+    "torch": torch.__version__,
+    "diffusers": diffusers.__version__,
+    "transformers": transformers.__version__,
+    "tokenizers": tokenizers.__version__,
+}
+
+PROMPT = "a cat dancing in a red field"
+NEGATIVE = "blurry low quality"
+MAX_SEQ = 32
+
+
+def save(name, tensors):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, os.path.join(OUT, name))
+
+
+def perturb_norms(module, generator):
+    """Default init leaves norm gains at 1 and some biases at 0; randomise them so a missing one shows."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            leaf = name.split(".")[-1]
+            if leaf == "gamma" or (p.ndim == 1 and leaf == "weight"):
+                p.mul_(0.8 + 0.4 * torch.rand(p.shape, generator=generator))
+            elif leaf == "bias":
+                p.add_(0.1 * (torch.rand(p.shape, generator=generator) - 0.5))
+
+
+gen = torch.Generator().manual_seed(0)
+
+# ---- tokenizer: a small Unigram model in the umT5 style (Metaspace, EOS appended, pad 0) ----
+corpus = [
+    PROMPT,
+    NEGATIVE,
+    "a dog running on a green hill",
+    "the quick brown fox jumps over the lazy dog",
+    "a red circle moving left",
+    "a blue square moving up on a black background",
+    "low quality blurry video of a field",
+] * 4
+tok = Tokenizer(models.Unigram())
+tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+tok.train_from_iterator(
+    corpus,
+    trainers.UnigramTrainer(vocab_size=64, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"),
+)
+tok.post_processor = processors.TemplateProcessing(
+    single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+)
+tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+tokenizer.model_max_length = 512
+
+# ---- models ----
+torch.manual_seed(0)
+text_encoder = UMT5EncoderModel(
+    UMT5Config(
+        vocab_size=tok.get_vocab_size(),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+).eval()
+perturb_norms(text_encoder, gen)
+
+torch.manual_seed(1)
+transformer = WanTransformer3DModel(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=32,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=128,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+).eval()
+perturb_norms(transformer, gen)
+
+torch.manual_seed(2)
+vae = AutoencoderKLWan(
+    base_dim=8,
+    z_dim=16,
+    dim_mult=[1, 2, 2, 2],
+    num_res_blocks=1,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    dropout=0.0,
+).eval()
+perturb_norms(vae, gen)
+
+scheduler = UniPCMultistepScheduler(
+    prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+)
+
+pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler)
+folder = os.path.join(OUT, "tiny-wan")
+pipe.save_pretrained(folder, safe_serialization=True)
+# Run everything below from the saved folder, so the fixtures describe exactly what is on disk.
+pipe = WanPipeline.from_pretrained(folder, dtype=torch.float32)
+transformer, vae, text_encoder, tokenizer = pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer
+
+# ---- transformer forward with intermediates ----
+records = {}
+
+
+def hook(name):
+    def fn(_module, _inputs, output):
+        if isinstance(output, tuple):
+            for i, o in enumerate(output):
+                if isinstance(o, torch.Tensor):
+                    records[f"{name}.{i}"] = o
+        else:
+            records[name] = output
+
+    return fn
+
+
+handles = [transformer.rope.register_forward_hook(hook("rope"))]
+for name in ["patch_embedding", "condition_embedder", "norm_out", "proj_out"]:
+    handles.append(getattr(transformer, name).register_forward_hook(hook(name)))
+for i, block in enumerate(transformer.blocks):
+    handles.append(block.register_forward_hook(hook(f"blocks.{i}")))
+for name in ["norm1", "attn1", "norm2", "attn2", "norm3", "ffn"]:
+    handles.append(getattr(transformer.blocks[0], name).register_forward_hook(hook(f"blocks.0.{name}")))
+
+g = torch.Generator().manual_seed(10)
+hidden = torch.randn(2, 16, 3, 6, 8, generator=g)  # 3 latent frames, 48x64 px: non-square
+timestep = torch.tensor([757.0, 120.5])
+context = torch.randn(2, 8, 32, generator=g)
+context[1, 5:] = 0.0  # sample 1 has 5 real tokens, zero padding after
+with torch.no_grad():
+    out = transformer(hidden_states=hidden, timestep=timestep, encoder_hidden_states=context, return_dict=False)[0]
+for h in handles:
+    h.remove()
+records.update({"input.hidden_states": hidden, "input.timestep": timestep, "input.encoder_hidden_states": context})
+records["output"] = out
+save("transformer.safetensors", records)
+manifest["transformer"] = sorted(records)
+
+# ---- VAE: encode (posterior mean) and decode, batch 2, 9 frames (3 latent frames) ----
+g = torch.Generator().manual_seed(11)
+video = torch.rand(2, 3, 9, 32, 48, generator=g) * 2 - 1
+with torch.no_grad():
+    posterior = vae.encode(video).latent_dist
+    decoded = vae.decode(posterior.mean, return_dict=False)[0]
+    image = video[:, :, :1]
+    image_mean = vae.encode(image).latent_dist.mean
+    image_decoded = vae.decode(image_mean, return_dict=False)[0]
+save(
+    "vae.safetensors",
+    {
+        "video": video,
+        "posterior_mean": posterior.mean,
+        "posterior_logvar": posterior.logvar,
+        "decoded": decoded,
+        "image": image,
+        "image_mean": image_mean,
+        "image_decoded": image_decoded,
+    },
+)
+
+# ---- text encoder ----
+prompts = [PROMPT, NEGATIVE]
+enc = tokenizer(
+    prompts,
+    padding="max_length",
+    max_length=MAX_SEQ,
+    truncation=True,
+    add_special_tokens=True,
+    return_attention_mask=True,
+    return_tensors="pt",
+)
+with torch.no_grad():
+    hidden_text = text_encoder(enc.input_ids, enc.attention_mask).last_hidden_state
+    prompt_embeds, negative_embeds = pipe.encode_prompt(
+        prompt=PROMPT, negative_prompt=NEGATIVE, do_classifier_free_guidance=True, max_sequence_length=MAX_SEQ
+    )
+save(
+    "umt5.safetensors",
+    {
+        "input_ids": enc.input_ids,
+        "attention_mask": enc.attention_mask,
+        "last_hidden_state": hidden_text,
+        "prompt_embeds": prompt_embeds,
+        "negative_prompt_embeds": negative_embeds,
+    },
+)
+manifest["umt5"] = {"prompts": prompts, "max_sequence_length": MAX_SEQ}
+
+# ---- schedulers: timesteps, sigmas, trajectories from fixed model outputs ----
+sched = {}
+g = torch.Generator().manual_seed(12)
+sample0 = torch.randn(1, 16, 2, 4, 4, generator=g)
+outputs = torch.randn(6, 1, 16, 2, 4, 4, generator=g)
+for kind in ["unipc", "euler"]:
+    for shift in [3.0, 5.0]:
+        for steps in [3, 4, 6, 10, 50]:
+            if kind == "unipc":
+                s = UniPCMultistepScheduler(
+                    prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift, num_train_timesteps=1000
+                )
+            else:
+                s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+            s.set_timesteps(steps)
+            key = f"{kind}.shift{shift:g}.steps{steps}"
+            sched[f"{key}.timesteps"] = s.timesteps.clone()
+            sched[f"{key}.sigmas"] = s.sigmas.clone()
+            if steps == 6:
+                x = sample0.clone()
+                for i, t in enumerate(s.timesteps):
+                    x = s.step(outputs[i], t, x, return_dict=False)[0]
+                    sched[f"{key}.trajectory.{i}"] = x.clone()
+sched["trajectory.sample"] = sample0
+sched["trajectory.model_outputs"] = outputs
+save("schedulers.safetensors", sched)
+
+# ---- full pipeline runs with CFG from given latents ----
+g = torch.Generator().manual_seed(13)
+latents = torch.randn(1, 16, 2, 6, 8, generator=g)  # 5 frames, 48x64 px
+save("init_latents.safetensors", {"latents": latents})
+run = dict(
+    prompt=PROMPT,
+    negative_prompt=NEGATIVE,
+    height=48,
+    width=64,
+    num_frames=5,
+    num_inference_steps=3,
+    guidance_scale=5.0,
+    max_sequence_length=MAX_SEQ,
+)
+manifest["pipeline"] = run
+for kind, sch in [
+    ("unipc", pipe.scheduler),
+    ("euler", FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)),
+]:
+    pipe.scheduler = sch
+    steps = []
+
+    def on_step(_pipe, i, t, kwargs):
+        steps.append((t.clone(), kwargs["latents"].clone()))
+        return kwargs
+
+    with torch.no_grad():
+        result = pipe(**run, latents=latents.clone(), output_type="np", callback_on_step_end=on_step)
+    frames = torch.from_numpy(result.frames)  # (1, F, H, W, 3)
+    rec = {"latents": latents, "frames": frames, "timesteps": torch.stack([t for t, _ in steps])}
+    for i, (_, lat) in enumerate(steps):
+        rec[f"step.{i}.latents"] = lat
+    save(f"pipeline_{kind}.safetensors", rec)
+
+with open(os.path.join(OUT, "manifest.json"), "w") as f:
+    json.dump(manifest, f, indent=1, sort_keys=True)
+print("fixtures written to", OUT)
