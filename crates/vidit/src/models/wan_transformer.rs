@@ -414,8 +414,9 @@ impl WanTransformer3DModel {
         let modulation = temb.unsqueeze(2)?.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?; // (B, S, 2, dim)
         let shift = modulation.narrow(2, 0, 1)?.squeeze(2)?;
         let scale = modulation.narrow(2, 1, 1)?.squeeze(2)?;
-        let x = self.norm_out.forward(&x)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
-        Trace::record(trace, "norm_out", &x);
+        let normed = self.norm_out.forward(&x)?;
+        Trace::record(trace, "norm_out", &normed);
+        let x = normed.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
         let x = apply(&self.proj_out, &x)?; // (B, L, C_out·pt·ph·pw)
         Trace::record(trace, "proj_out", &x);
 
