@@ -29,15 +29,15 @@ mod tests {
 
     #[test]
     fn same_seed_same_noise_and_roughly_standard() -> Result<()> {
-        let a = randn(7, &[4, 1000], &Device::Cpu)?;
-        let b = randn(7, &[4, 1000], &Device::Cpu)?;
-        let c = randn(8, &[4, 1000], &Device::Cpu)?;
+        let a = randn(7, &[40, 1000], &Device::Cpu)?;
+        let b = randn(7, &[40, 1000], &Device::Cpu)?;
+        let c = randn(8, &[40, 1000], &Device::Cpu)?;
         assert_eq!(a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
         assert_ne!(a.to_vec2::<f32>()?, c.to_vec2::<f32>()?);
         let mean = a.mean_all()?.to_scalar::<f32>()?;
         let var = a.sqr()?.mean_all()?.to_scalar::<f32>()? - mean * mean;
-        assert!(mean.abs() < 0.05, "mean {mean}");
-        assert!((var - 1.0).abs() < 0.05, "variance {var}");
+        assert!(mean.abs() < 0.02, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.03, "variance {var}");
         Ok(())
     }
 }

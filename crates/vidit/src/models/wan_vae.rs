@@ -309,11 +309,10 @@ impl Resample {
             match cache.slots[idx].clone() {
                 // First chunk: no temporal upsampling (1 latent frame → 1 frame).
                 Slot::Empty => cache.slots[idx] = Slot::Repeat,
-                slot => {
-                    let mut tail = cache.tail_of(idx, &x)?;
-                    if tail.dim(2)? < CACHE_T && matches!(slot, Slot::Repeat) {
-                        tail = Tensor::cat(&[&tail.zeros_like()?, &tail], 2)?;
-                    }
+                // Later chunks (after `Repeat`, the conv's own zero padding stands in for the cache;
+                // diffusers prepends explicit zeros to a 1-frame tail there, which is the same).
+                _ => {
+                    let tail = cache.tail_of(idx, &x)?;
                     let (b, c, t, h, w) = x.dims5()?;
                     let y = time_conv.forward(&x, cache.frames(idx))?; // (B, 2C, T, H, W)
                     cache.slots[idx] = Slot::Frames(tail);
