@@ -1,1 +1,47 @@
-fn main() {}
+//! `vidit`: generate video from the command line.
+
+mod generate;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "vidit",
+    version,
+    about = "Video generation with latent diffusion transformers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a clip from a text prompt.
+    Generate(Box<generate::GenerateArgs>),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(*args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The user's mistakes get one line and status 2; internal failures the whole chain and 1.
+            if vidit::error::is_input_error(&err) {
+                let input = err
+                    .chain()
+                    .find_map(|e| e.downcast_ref::<vidit::InputError>())
+                    .map(ToString::to_string);
+                eprintln!("error: {}", input.unwrap_or_else(|| err.to_string()));
+                ExitCode::from(2)
+            } else {
+                eprintln!("error: {err:#}");
+                ExitCode::from(1)
+            }
+        }
+    }
+}

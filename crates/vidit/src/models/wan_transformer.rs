@@ -87,7 +87,12 @@ pub struct WanRotaryPosEmbed {
 }
 
 impl WanRotaryPosEmbed {
-    pub fn new(head_dim: usize, patch_size: [usize; 3], max_seq_len: usize, device: &Device) -> Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        patch_size: [usize; 3],
+        max_seq_len: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let hw = 2 * (head_dim / 6);
         let parts = [head_dim - 2 * hw, hw, hw];
         let tables = parts
@@ -115,18 +120,33 @@ impl WanRotaryPosEmbed {
 
     /// (cos, sin) per token for a latent grid `(F, H, W)`: each `(L, head_dim/2)`, tokens in (f, h, w) order.
     pub fn forward(&self, frames: usize, height: usize, width: usize) -> Result<(Tensor, Tensor)> {
-        let grid = [frames / self.patch_size[0], height / self.patch_size[1], width / self.patch_size[2]];
+        let grid = [
+            frames / self.patch_size[0],
+            height / self.patch_size[1],
+            width / self.patch_size[2],
+        ];
         let mut cos_parts = Vec::new();
         let mut sin_parts = Vec::new();
         for (axis, (cos, sin)) in self.tables.iter().enumerate() {
             if grid[axis] > cos.dim(0)? {
-                bail!("latent grid {grid:?} exceeds rope_max_seq_len {}", cos.dim(0)?);
+                bail!(
+                    "latent grid {grid:?} exceeds rope_max_seq_len {}",
+                    cos.dim(0)?
+                );
             }
             let mut shape = [1usize, 1, 1, cos.dim(1)?];
             shape[axis] = grid[axis];
             let target = (grid[0], grid[1], grid[2], cos.dim(1)?);
-            cos_parts.push(cos.narrow(0, 0, grid[axis])?.reshape(&shape[..])?.broadcast_as(target)?);
-            sin_parts.push(sin.narrow(0, 0, grid[axis])?.reshape(&shape[..])?.broadcast_as(target)?);
+            cos_parts.push(
+                cos.narrow(0, 0, grid[axis])?
+                    .reshape(&shape[..])?
+                    .broadcast_as(target)?,
+            );
+            sin_parts.push(
+                sin.narrow(0, 0, grid[axis])?
+                    .reshape(&shape[..])?
+                    .broadcast_as(target)?,
+            );
         }
         let tokens = grid[0] * grid[1] * grid[2];
         let cos = Tensor::cat(&cos_parts, D::Minus1)?.reshape((tokens, ()))?;
@@ -173,7 +193,11 @@ impl WanAttention {
     }
 
     /// Projects the keys and values of a context `(B, S, dim)` into `(B, H, S, D)`.
-    pub fn key_values(&self, context: &Tensor, rope: Option<&(Tensor, Tensor)>) -> Result<(Tensor, Tensor)> {
+    pub fn key_values(
+        &self,
+        context: &Tensor,
+        rope: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, Tensor)> {
         let k = self.norm_k.forward(&apply(&self.to_k, context)?)?;
         let v = apply(&self.to_v, context)?;
         let mut k = self.split_heads(&k)?; // (B, S, H, D)
@@ -189,7 +213,12 @@ impl WanAttention {
     }
 
     /// `x (B, L, dim)` attends to the keys/values from [`Self::key_values`]; RoPE on q when given.
-    pub fn forward(&self, x: &Tensor, kv: &(Tensor, Tensor), rope: Option<&(Tensor, Tensor)>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        kv: &(Tensor, Tensor),
+        rope: Option<&(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
         let (b, l, dim) = x.dims3()?;
         let q = self.norm_q.forward(&apply(&self.to_q, x)?)?;
         let mut q = self.split_heads(&q)?; // (B, L, H, D)
@@ -197,7 +226,13 @@ impl WanAttention {
             q = apply_rope(&q, cos, sin)?;
         }
         let head_dim = dim / self.heads;
-        let out = sdpa(&q.transpose(1, 2)?, &kv.0, &kv.1, 1.0 / (head_dim as f64).sqrt(), None)?; // (B, H, L, D)
+        let out = sdpa(
+            &q.transpose(1, 2)?,
+            &kv.0,
+            &kv.1,
+            1.0 / (head_dim as f64).sqrt(),
+            None,
+        )?; // (B, H, L, D)
         let out = out.transpose(1, 2)?.reshape((b, l, dim))?;
         apply(&self.to_out, &out)
     }
@@ -222,7 +257,11 @@ impl WanTransformerBlock {
         Ok(Self {
             norm1: LayerNorm::plain(cfg.eps),
             attn1: WanAttention::new(dim, heads, cfg.eps, vb.pp("attn1"))?,
-            norm2: if cfg.cross_attn_norm { Some(LayerNorm::affine(dim, cfg.eps, vb.pp("norm2"))?) } else { None },
+            norm2: if cfg.cross_attn_norm {
+                Some(LayerNorm::affine(dim, cfg.eps, vb.pp("norm2"))?)
+            } else {
+                None
+            },
             attn2: WanAttention::new(dim, heads, cfg.eps, vb.pp("attn2"))?,
             norm3: LayerNorm::plain(cfg.eps),
             ffn_in: linear(dim, cfg.ffn_dim, vb.pp("ffn.net.0.proj"))?,
@@ -246,7 +285,11 @@ impl WanTransformerBlock {
         let (c_shift, c_scale, c_gate) = (m(3)?, m(4)?, m(5)?);
 
         // 1. Self-attention on the modulated norm, gated residual.
-        let h = self.norm1.forward(x)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?; // (B, L, dim)
+        let h = self
+            .norm1
+            .forward(x)?
+            .broadcast_mul(&(scale + 1.0)?)?
+            .broadcast_add(&shift)?; // (B, L, dim)
         let self_kv = self.attn1.key_values(&h, Some(rope))?;
         let attn = self.attn1.forward(&h, &self_kv, Some(rope))?;
         let x = (x + attn.broadcast_mul(&gate)?)?;
@@ -259,7 +302,11 @@ impl WanTransformerBlock {
         let x = (&x + self.attn2.forward(&h, text_kv, None)?)?;
 
         // 3. Feed-forward (GELU, tanh approximation) on the modulated norm, gated residual.
-        let h = self.norm3.forward(&x)?.broadcast_mul(&(c_scale + 1.0)?)?.broadcast_add(&c_shift)?;
+        let h = self
+            .norm3
+            .forward(&x)?
+            .broadcast_mul(&(c_scale + 1.0)?)?
+            .broadcast_add(&c_shift)?;
         let ff = apply(&self.ffn_out, &apply(&self.ffn_in, &h)?.gelu()?)?;
         Ok((x + ff.broadcast_mul(&c_gate)?)?)
     }
@@ -306,7 +353,10 @@ impl WanTransformer3DModel {
         config.validate()?;
         let dim = config.inner_dim();
         let [pt, ph, pw] = config.patch_size;
-        let patch_weight = vb.get((dim, config.in_channels, pt, ph, pw), "patch_embedding.weight")?;
+        let patch_weight = vb.get(
+            (dim, config.in_channels, pt, ph, pw),
+            "patch_embedding.weight",
+        )?;
         let patch_bias = vb.get(dim, "patch_embedding.bias")?;
         let ce = vb.pp("condition_embedder");
         let blocks = (0..config.num_layers)
@@ -325,7 +375,12 @@ impl WanTransformer3DModel {
             norm_out: LayerNorm::plain(config.eps),
             proj_out: linear(dim, out_dim, vb.pp("proj_out"))?,
             scale_shift_table: vb.get((1, 2, dim), "scale_shift_table")?,
-            rope: WanRotaryPosEmbed::new(config.attention_head_dim, config.patch_size, config.rope_max_seq_len, vb.device())?,
+            rope: WanRotaryPosEmbed::new(
+                config.attention_head_dim,
+                config.patch_size,
+                config.rope_max_seq_len,
+                vb.device(),
+            )?,
             config,
         })
     }
@@ -334,9 +389,14 @@ impl WanTransformer3DModel {
     fn timestep_features(&self, t: &Tensor) -> Result<Tensor> {
         let half = self.config.freq_dim / 2;
         let exponent = -(10000f64.ln() as f32);
-        let freqs: Vec<f32> = (0..half).map(|j| (exponent * j as f32 / half as f32).exp()).collect();
+        let freqs: Vec<f32> = (0..half)
+            .map(|j| (exponent * j as f32 / half as f32).exp())
+            .collect();
         let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
-        let args = t.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?.broadcast_mul(&freqs)?; // (N, half)
+        let args = t
+            .to_dtype(DType::F32)?
+            .unsqueeze(D::Minus1)?
+            .broadcast_mul(&freqs)?; // (N, half)
         Ok(Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?)
     }
 
@@ -346,22 +406,40 @@ impl WanTransformer3DModel {
         self.text_context_traced(encoder_hidden_states, &mut None)
     }
 
-    fn text_context_traced(&self, text: &Tensor, trace: &mut Option<&mut Trace>) -> Result<TextContext> {
+    fn text_context_traced(
+        &self,
+        text: &Tensor,
+        trace: &mut Option<&mut Trace>,
+    ) -> Result<TextContext> {
         let h = apply(&self.text_linear_1, text)?.gelu()?;
         let h = apply(&self.text_linear_2, &h)?; // (B, S, dim)
         Trace::record(trace, "condition_embedder.2", &h);
-        let kv = self.blocks.iter().map(|b| b.attn2.key_values(&h, None)).collect::<Result<_>>()?;
+        let kv = self
+            .blocks
+            .iter()
+            .map(|b| b.attn2.key_values(&h, None))
+            .collect::<Result<_>>()?;
         Ok(TextContext { kv })
     }
 
     /// Predicts the flow velocity for latents `(B, C, F, H, W)` at `timestep` (`(B,)`, or `(B, L)`
     /// per token) given the text context.
-    pub fn forward(&self, latents: &Tensor, timestep: &Tensor, text: &TextContext) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        text: &TextContext,
+    ) -> Result<Tensor> {
         self.forward_traced(latents, timestep, text, &mut None)
     }
 
     /// [`Self::forward`] on raw text embeddings, recording every stage (for parity tests).
-    pub fn forward_with_trace(&self, latents: &Tensor, timestep: &Tensor, text: &Tensor) -> Result<(Tensor, Trace)> {
+    pub fn forward_with_trace(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        text: &Tensor,
+    ) -> Result<(Tensor, Trace)> {
         let mut trace = Trace::default();
         let context = self.text_context_traced(text, &mut Some(&mut trace))?;
         let out = self.forward_traced(latents, timestep, &context, &mut Some(&mut trace))?;
@@ -378,7 +456,12 @@ impl WanTransformer3DModel {
         let (b, c, f, h, w) = latents.dims5()?;
         let [pt, ph, pw] = self.config.patch_size;
         if c != self.config.in_channels || f % pt != 0 || h % ph != 0 || w % pw != 0 {
-            bail!("latents {:?} do not fit in_channels {} and patch size {:?}", latents.dims(), self.config.in_channels, self.config.patch_size);
+            bail!(
+                "latents {:?} do not fit in_channels {} and patch size {:?}",
+                latents.dims(),
+                self.config.in_channels,
+                self.config.patch_size
+            );
         }
         let (gf, gh, gw) = (f / pt, h / ph, w / pw);
         let tokens = gf * gh * gw;
@@ -390,14 +473,23 @@ impl WanTransformer3DModel {
             .reshape(&[b, c, gf, pt, gh, ph, gw, pw][..])?
             .permute(&[0usize, 2, 4, 6, 1, 3, 5, 7][..])? // (B, F', H', W', C, pt, ph, pw)
             .reshape((b, tokens, c * pt * ph * pw))?;
-        let x = patches.broadcast_matmul(&self.patch_weight)?.broadcast_add(&self.patch_bias)?; // (B, L, dim)
+        let x = patches
+            .broadcast_matmul(&self.patch_weight)?
+            .broadcast_add(&self.patch_bias)?; // (B, L, dim)
         Trace::record(trace, "patch_embedding", &x);
 
         // Timestep embedding: (B, S, dim) with S = 1 (one timestep per sample) or L (per token).
-        let timestep = if timestep.rank() == 1 { timestep.unsqueeze(1)? } else { timestep.clone() };
+        let timestep = if timestep.rank() == 1 {
+            timestep.unsqueeze(1)?
+        } else {
+            timestep.clone()
+        };
         let s = timestep.dim(1)?;
         let features = self.timestep_features(&timestep.flatten_all()?)?; // (B·S, freq_dim)
-        let temb = apply(&self.time_linear_2, &apply(&self.time_linear_1, &features)?.silu()?)?; // (B·S, dim)
+        let temb = apply(
+            &self.time_linear_2,
+            &apply(&self.time_linear_1, &features)?.silu()?,
+        )?; // (B·S, dim)
         let timestep_proj = apply(&self.time_proj, &temb.silu()?)?; // (B·S, 6·dim)
         Trace::record(trace, "condition_embedder.0", &temb);
         Trace::record(trace, "condition_embedder.1", &timestep_proj);
@@ -411,12 +503,16 @@ impl WanTransformer3DModel {
         }
 
         // Output head, modulated by temb (not the 6-way projection).
-        let modulation = temb.unsqueeze(2)?.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?; // (B, S, 2, dim)
+        let modulation = temb
+            .unsqueeze(2)?
+            .broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?; // (B, S, 2, dim)
         let shift = modulation.narrow(2, 0, 1)?.squeeze(2)?;
         let scale = modulation.narrow(2, 1, 1)?.squeeze(2)?;
         let normed = self.norm_out.forward(&x)?;
         Trace::record(trace, "norm_out", &normed);
-        let x = normed.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
+        let x = normed
+            .broadcast_mul(&(scale + 1.0)?)?
+            .broadcast_add(&shift)?;
         let x = apply(&self.proj_out, &x)?; // (B, L, C_out·pt·ph·pw)
         Trace::record(trace, "proj_out", &x);
 

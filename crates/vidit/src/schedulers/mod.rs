@@ -33,9 +33,16 @@ pub enum SchedulerKind {
 
 /// Builds a scheduler from a `scheduler_config.json`. `kind` overrides the class named in the file
 /// (keeping the shared keys such as the shift); `shift` overrides the flow shift.
-pub fn from_config_file(path: &Path, kind: Option<SchedulerKind>, shift: Option<f64>) -> Result<Box<dyn Scheduler>> {
+pub fn from_config_file(
+    path: &Path,
+    kind: Option<SchedulerKind>,
+    shift: Option<f64>,
+) -> Result<Box<dyn Scheduler>> {
     let value: serde_json::Value = crate::model_folder::read_json(path)?;
-    let class = value.get("_class_name").and_then(|v| v.as_str()).unwrap_or("UniPCMultistepScheduler");
+    let class = value
+        .get("_class_name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("UniPCMultistepScheduler");
     let kind = match (kind, class) {
         (Some(kind), _) => kind,
         (None, "UniPCMultistepScheduler") => SchedulerKind::UniPc,
@@ -48,7 +55,10 @@ pub fn from_config_file(path: &Path, kind: Option<SchedulerKind>, shift: Option<
         }
     };
     // A UniPC config read as Euler keeps its shift, which UniPC calls `flow_shift`.
-    let file_shift = value.get("shift").or_else(|| value.get("flow_shift")).and_then(|v| v.as_f64());
+    let file_shift = value
+        .get("shift")
+        .or_else(|| value.get("flow_shift"))
+        .and_then(|v| v.as_f64());
     let shift = shift.or(file_shift);
     Ok(match kind {
         SchedulerKind::UniPc => {
@@ -56,7 +66,10 @@ pub fn from_config_file(path: &Path, kind: Option<SchedulerKind>, shift: Option<
             if let Some(shift) = shift {
                 config.flow_shift = shift;
             }
-            Box::new(UniPcMultistepScheduler::new(config).map_err(|e| input_error(format!("{}: {e}", path.display())))?)
+            Box::new(
+                UniPcMultistepScheduler::new(config)
+                    .map_err(|e| input_error(format!("{}: {e}", path.display())))?,
+            )
         }
         SchedulerKind::Euler => {
             let mut config: FlowMatchEulerConfig = if class == "FlowMatchEulerDiscreteScheduler" {
@@ -68,7 +81,8 @@ pub fn from_config_file(path: &Path, kind: Option<SchedulerKind>, shift: Option<
                 config.shift = shift;
             }
             Box::new(
-                FlowMatchEulerDiscreteScheduler::new(config).map_err(|e| input_error(format!("{}: {e}", path.display())))?,
+                FlowMatchEulerDiscreteScheduler::new(config)
+                    .map_err(|e| input_error(format!("{}: {e}", path.display())))?,
             )
         }
     })

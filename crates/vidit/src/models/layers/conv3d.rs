@@ -34,7 +34,15 @@ impl CausalConv3d {
         let weight = vb.get((out_channels, in_channels, kt, kh, kw), "weight")?;
         let weight = weight.reshape((out_channels, in_channels * kt, kh, kw))?;
         let bias = vb.get(out_channels, "bias")?;
-        Ok(Self { weight, bias, kt, stride_t, pad_t: 2 * padding.0, pad_h: padding.1, pad_w: padding.2 })
+        Ok(Self {
+            weight,
+            bias,
+            kt,
+            stride_t,
+            pad_t: 2 * padding.0,
+            pad_h: padding.1,
+            pad_w: padding.2,
+        })
     }
 
     /// `cache` holds the last frames of the previous chunk's input; they replace front padding.
@@ -50,7 +58,10 @@ impl CausalConv3d {
         }
         let (b, c, t, h, w) = x.dims5()?;
         if t < self.kt {
-            bail!("causal conv3d: {t} frames are fewer than the kernel's {}", self.kt);
+            bail!(
+                "causal conv3d: {t} frames are fewer than the kernel's {}",
+                self.kt
+            );
         }
         let t_out = (t - self.kt) / self.stride_t + 1;
         // Gather the kt frame taps of every output frame: (B, C, kt, T_out, H, W).
@@ -59,29 +70,33 @@ impl CausalConv3d {
                 if self.stride_t == 1 {
                     x.narrow(2, k, t_out)
                 } else {
-                    let idx: Vec<u32> = (0..t_out).map(|i| (i * self.stride_t + k) as u32).collect();
+                    let idx: Vec<u32> =
+                        (0..t_out).map(|i| (i * self.stride_t + k) as u32).collect();
                     x.index_select(&Tensor::new(idx, x.device())?, 2)
                 }
             })
             .collect::<candle_core::Result<_>>()?;
-        let stacked = if self.kt == 1 { taps[0].unsqueeze(2)? } else { Tensor::stack(&taps, 2)? };
+        let stacked = if self.kt == 1 {
+            taps[0].unsqueeze(2)?
+        } else {
+            Tensor::stack(&taps, 2)?
+        };
         let frames = stacked
             .permute((0, 3, 1, 2, 4, 5))? // (B, T_out, C, kt, H, W)
             .reshape((b * t_out, c * self.kt, h, w))?;
         let frames = if self.pad_h == self.pad_w {
             frames.conv2d(&self.weight, self.pad_h, 1, 1, 1)?
         } else {
-            frames.pad_with_zeros(D::Minus2, self.pad_h, self.pad_h)?.pad_with_zeros(D::Minus1, self.pad_w, self.pad_w)?.conv2d(
-                &self.weight,
-                0,
-                1,
-                1,
-                1,
-            )?
+            frames
+                .pad_with_zeros(D::Minus2, self.pad_h, self.pad_h)?
+                .pad_with_zeros(D::Minus1, self.pad_w, self.pad_w)?
+                .conv2d(&self.weight, 0, 1, 1, 1)?
         };
         let (_, o, ho, wo) = frames.dims4()?;
         let y = frames.broadcast_add(&self.bias.reshape((1, o, 1, 1))?)?;
-        Ok(y.reshape((b, t_out, o, ho, wo))?.permute((0, 2, 1, 3, 4))?.contiguous()?) // (B, O, T_out, H', W')
+        Ok(y.reshape((b, t_out, o, ho, wo))?
+            .permute((0, 2, 1, 3, 4))?
+            .contiguous()?) // (B, O, T_out, H', W')
     }
 }
 
@@ -92,7 +107,15 @@ mod tests {
     use std::collections::HashMap;
 
     /// A direct 3-D convolution by definition, to check the conv2d folding against.
-    fn reference(x: &[f32], dims: [usize; 4], w: &[f32], wd: [usize; 5], bias: &[f32], pad: [usize; 3], stride_t: usize) -> Vec<f32> {
+    fn reference(
+        x: &[f32],
+        dims: [usize; 4],
+        w: &[f32],
+        wd: [usize; 5],
+        bias: &[f32],
+        pad: [usize; 3],
+        stride_t: usize,
+    ) -> Vec<f32> {
         let [c, t, h, wi] = dims;
         let [o, _, kt, kh, kw] = wd;
         let tp = t + 2 * pad[0];
@@ -111,10 +134,16 @@ mod tests {
                                         let ti = (to * stride_t + a) as isize - 2 * pad[0] as isize;
                                         let yi = (yo + bb) as isize - pad[1] as isize;
                                         let xi = (xo + cc) as isize - pad[2] as isize;
-                                        if ti < 0 || yi < 0 || xi < 0 || yi >= h as isize || xi >= wi as isize {
+                                        if ti < 0
+                                            || yi < 0
+                                            || xi < 0
+                                            || yi >= h as isize
+                                            || xi >= wi as isize
+                                        {
                                             continue;
                                         }
-                                        let xv = x[((ic * t + ti as usize) * h + yi as usize) * wi + xi as usize];
+                                        let xv = x[((ic * t + ti as usize) * h + yi as usize) * wi
+                                            + xi as usize];
                                         let wv = w[(((oc * c + ic) * kt + a) * kh + bb) * kw + cc];
                                         acc += xv * wv;
                                     }
@@ -129,14 +158,21 @@ mod tests {
         out
     }
 
-    fn check(kernel: (usize, usize, usize), stride_t: usize, pad: (usize, usize, usize)) -> Result<()> {
+    fn check(
+        kernel: (usize, usize, usize),
+        stride_t: usize,
+        pad: (usize, usize, usize),
+    ) -> Result<()> {
         let dev = Device::Cpu;
         let (c, o, t, h, w) = (3, 4, 5, 6, 7);
         let x = crate::noise::randn(1, &[1, c, t, h, w], &dev)?;
         let weight = crate::noise::randn(2, &[o, c, kernel.0, kernel.1, kernel.2], &dev)?;
         let bias = crate::noise::randn(3, &[o], &dev)?;
         let vb = VarBuilder::from_tensors(
-            HashMap::from([("weight".to_string(), weight.clone()), ("bias".to_string(), bias.clone())]),
+            HashMap::from([
+                ("weight".to_string(), weight.clone()),
+                ("bias".to_string(), bias.clone()),
+            ]),
             DType::F32,
             &dev,
         );
@@ -153,7 +189,11 @@ mod tests {
         );
         let got = y.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(got.len(), expected.len());
-        let err = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let err = got
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(err < 1e-4, "max error {err}");
         Ok(())
     }
@@ -172,7 +212,10 @@ mod tests {
         let dev = Device::Cpu;
         let vb = VarBuilder::from_tensors(
             HashMap::from([
-                ("weight".to_string(), crate::noise::randn(4, &[2, 2, 3, 3, 3], &dev)?),
+                (
+                    "weight".to_string(),
+                    crate::noise::randn(4, &[2, 2, 3, 3, 3], &dev)?,
+                ),
                 ("bias".to_string(), crate::noise::randn(5, &[2], &dev)?),
             ]),
             DType::F32,

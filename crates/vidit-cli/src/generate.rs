@@ -1,0 +1,266 @@
+//! `vidit generate`: validate everything, load the model, run text-to-video, write the clip.
+
+use anyhow::Result;
+use candle_core::Device;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use vidit::error::input_error;
+use vidit::io::video::{check_writable, write_video, OutputFormat};
+use vidit::pipelines::wan::WanConfigs;
+use vidit::pipelines::{TextToVideo, WanModel};
+use vidit::schedulers::{from_config_file, SchedulerKind};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SchedulerArg {
+    /// UniPC multistep with flow sigmas (the Wan default).
+    Unipc,
+    /// Flow-matching Euler.
+    Euler,
+}
+
+/// Defaults are those of diffusers' `WanPipeline` call and of the model's own configs.
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Model folder in the diffusers layout (model_index.json, transformer/, vae/, …).
+    #[arg(long)]
+    model: PathBuf,
+    /// What the clip shows.
+    #[arg(long)]
+    prompt: String,
+    /// What to steer away from (classifier-free guidance).
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Classifier-free guidance scale; 1 or less turns guidance off.
+    #[arg(long, default_value_t = 5.0)]
+    guidance: f64,
+    /// Height in pixels (a multiple of the VAE and patch factors, 16 for Wan).
+    #[arg(long, default_value_t = 480)]
+    height: usize,
+    /// Width in pixels.
+    #[arg(long, default_value_t = 832)]
+    width: usize,
+    /// Frames; rounded down to the form 4k + 1 as diffusers does.
+    #[arg(long, default_value_t = 81)]
+    frames: usize,
+    /// Frame rate of the written clip.
+    #[arg(long, default_value_t = 16.0)]
+    fps: f64,
+    /// Noise seed; the same seed gives the same clip on the same build. Random when not given.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Sampler; by default the one in the model's scheduler config.
+    #[arg(long, value_enum)]
+    scheduler: Option<SchedulerArg>,
+    /// Flow shift; by default the scheduler config's.
+    #[arg(long)]
+    shift: Option<f64>,
+    /// Text length the prompt embeddings are padded to (padding takes part in cross-attention).
+    #[arg(long, default_value_t = 512)]
+    max_sequence_length: usize,
+    /// Initial noise: tensor `latents` [1, C, T, h, w] in a safetensors file, instead of drawing it.
+    #[arg(long)]
+    init_latents: Option<PathBuf>,
+    /// Also write the final latents (tensor `latents`) to this safetensors file.
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
+    /// Output: .mp4, .gif, .safetensors (tensor `frames`), or a folder path ending in / for PNGs.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Compute device: cpu, or cuda / cuda:N (needs the `cuda` build feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn parse_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
+            let ordinal = cuda
+                .strip_prefix("cuda:")
+                .map(str::parse::<usize>)
+                .transpose()
+                .map_err(|_| input_error(format!("--device {name}: expected cuda:N")))?;
+            if !candle_core::utils::cuda_is_available() {
+                return Err(input_error(format!(
+                    "--device {name}: this build has no CUDA support (build with --features cuda)"
+                )));
+            }
+            Ok(Device::new_cuda(ordinal.unwrap_or(0))?)
+        }
+        _ => Err(input_error(format!(
+            "--device {name}: expected cpu or cuda[:N]"
+        ))),
+    }
+}
+
+fn check_latents_path(flag: &str, path: &Path) -> Result<()> {
+    if OutputFormat::from_path(path).ok() != Some(OutputFormat::Safetensors) {
+        return Err(input_error(format!(
+            "{flag} {}: must be a .safetensors file",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Everything that can be checked without loading weights, in the order a user would fix it.
+fn validate(args: &GenerateArgs) -> Result<(WanConfigs, TextToVideo, Device)> {
+    check_writable(&args.output)?;
+    if let Some(path) = &args.save_latents {
+        check_latents_path("--save-latents", path)?;
+        check_writable(path)?;
+    }
+    if vidit::pipelines::prompt::clean_prompt(&args.prompt).is_empty() {
+        return Err(input_error("--prompt: the prompt is empty"));
+    }
+    if args.steps == 0 {
+        return Err(input_error("--steps: must be at least 1"));
+    }
+    if !args.guidance.is_finite() {
+        return Err(input_error("--guidance: must be a finite number"));
+    }
+    if !(args.fps.is_finite() && args.fps > 0.0) {
+        return Err(input_error("--fps: must be positive"));
+    }
+    if args.shift.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
+        return Err(input_error("--shift: must be positive"));
+    }
+    if args.max_sequence_length == 0 {
+        return Err(input_error("--max-sequence-length: must be at least 1"));
+    }
+    if args.frames == 0 {
+        return Err(input_error("--frames: must be at least 1"));
+    }
+    let device = parse_device(&args.device)?;
+    let configs = WanConfigs::read(&args.model)?;
+
+    let spatial = configs.vae.spatial_factor()
+        * configs.transformer.patch_size[1].max(configs.transformer.patch_size[2]);
+    for (flag, value) in [("--height", args.height), ("--width", args.width)] {
+        if value == 0 || value % spatial != 0 {
+            return Err(input_error(format!(
+                "{flag} {value}: must be a positive multiple of {spatial} for this model"
+            )));
+        }
+    }
+    OutputFormat::from_path(&args.output)?.check_size(&args.output, args.width, args.height)?;
+    let temporal = configs.vae.temporal_factor();
+    let mut frames = args.frames;
+    if frames % temporal != 1 {
+        let rounded = (frames / temporal * temporal + 1).max(1);
+        eprintln!("warning: --frames {frames} is not of the form {temporal}k+1; rounding to {rounded} as diffusers does");
+        frames = rounded;
+    }
+    // The scheduler config (and an overriding --shift) must build.
+    from_config_file(
+        &configs.scheduler_config,
+        args.scheduler.map(scheduler_kind),
+        args.shift,
+    )?;
+
+    let mut request = TextToVideo {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        height: args.height,
+        width: args.width,
+        num_frames: frames,
+        num_inference_steps: args.steps,
+        guidance_scale: args.guidance,
+        max_sequence_length: args.max_sequence_length,
+        seed: args.seed.unwrap_or_else(random_seed),
+        init_latents: None,
+    };
+    if let Some(path) = &args.init_latents {
+        let vae = &configs.vae;
+        let shape = [
+            1,
+            configs.transformer.in_channels,
+            (frames - 1) / temporal + 1,
+            args.height / vae.spatial_factor(),
+            args.width / vae.spatial_factor(),
+        ];
+        request.init_latents = Some(vidit::io::tensors::read_tensor(
+            path,
+            "latents",
+            Some(&shape),
+            &device,
+        )?);
+    }
+    Ok((configs, request, device))
+}
+
+fn scheduler_kind(arg: SchedulerArg) -> SchedulerKind {
+    match arg {
+        SchedulerArg::Unipc => SchedulerKind::UniPc,
+        SchedulerArg::Euler => SchedulerKind::Euler,
+    }
+}
+
+fn random_seed() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    (nanos as u64) ^ (std::process::id() as u64).rotate_left(32)
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let (configs, request, device) = validate(&args)?;
+    if args.seed.is_none() && request.init_latents.is_none() && !args.quiet {
+        eprintln!("seed: {}", request.seed);
+    }
+    let started = std::time::Instant::now();
+    let model = WanModel::load(configs, &device)?;
+    if !args.quiet {
+        eprintln!(
+            "loaded {} in {:.1}s",
+            args.model.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let mut scheduler = from_config_file(
+        &model.scheduler_config,
+        args.scheduler.map(scheduler_kind),
+        args.shift,
+    )?;
+
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(request.num_inference_steps as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("step {pos}/{len} [{bar:30}] {per_sec} ETA {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let output = request.run(&model, scheduler.as_mut(), |i, _| {
+        bar.set_position(i as u64)
+    })?;
+    bar.finish_and_clear();
+
+    write_video(&args.output, &output.frames, args.fps)?;
+    if let Some(path) = &args.save_latents {
+        vidit::io::tensors::write_tensors(
+            path,
+            &HashMap::from([("latents".to_string(), output.latents)]),
+        )?;
+    }
+    if !args.quiet {
+        eprintln!(
+            "wrote {} ({:.1}s)",
+            args.output.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,329 @@
+//! `vidit generate` through the binary itself: parity with diffusers given the same latents,
+//! determinism, and the bad-input contract (one line, status 2, no output left behind).
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// The arguments of the diffusers fixture run.
+fn fixture_args(model: &Path, output: &Path) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "generate",
+        "--prompt",
+        "a cat dancing in a red field",
+        "--negative-prompt",
+        "blurry low quality",
+        "--height",
+        "48",
+        "--width",
+        "64",
+        "--frames",
+        "5",
+        "--steps",
+        "3",
+        "--guidance",
+        "5",
+        "--max-sequence-length",
+        "32",
+        "--quiet",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend([
+        "--model".into(),
+        model.display().to_string(),
+        "--output".into(),
+        output.display().to_string(),
+    ]);
+    args
+}
+
+fn vidit(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vidit"))
+        .args(args)
+        .output()
+        .expect("run vidit")
+}
+
+fn with(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn load(path: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(candle_core::safetensors::load(path, &Device::Cpu)?)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    assert_eq!(a.dims(), b.dims());
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+#[test]
+fn cli_writes_the_frames_diffusers_wrote() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let init = fixtures().join("init_latents.safetensors");
+    for (scheduler, record) in [
+        ("unipc", "pipeline_unipc.safetensors"),
+        ("euler", "pipeline_euler.safetensors"),
+    ] {
+        let out = dir.path().join(format!("{scheduler}.safetensors"));
+        let latents = dir.path().join(format!("{scheduler}-latents.safetensors"));
+        let args = with(
+            fixture_args(&fixtures().join("tiny-wan"), &out),
+            &[
+                "--scheduler",
+                scheduler,
+                "--init-latents",
+                init.to_str().unwrap(),
+                "--save-latents",
+                latents.to_str().unwrap(),
+            ],
+        );
+        let run = vidit(&args);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let expected = load(&fixtures().join(record))?;
+        let frames = load(&out)?.remove("frames").expect("tensor `frames`");
+        let reference = expected["frames"].squeeze(0)?.permute((0, 3, 1, 2))?; // (F, 3, H, W)
+        let err = max_abs_diff(&frames, &reference)?;
+        eprintln!("{scheduler}: CLI frames vs diffusers max abs error {err:.3e}");
+        assert!(err <= 1e-4, "{scheduler}: {err}");
+        let final_latents = load(&latents)?.remove("latents").expect("tensor `latents`");
+        assert!(max_abs_diff(&final_latents, &expected["step.2.latents"])? <= 1e-5);
+    }
+    Ok(())
+}
+
+#[test]
+fn same_seed_same_clip() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = fixtures().join("tiny-wan");
+    let run = |name: &str, seed: &str| -> Result<Tensor> {
+        let out = dir.path().join(name);
+        let status = vidit(&with(fixture_args(&model, &out), &["--seed", seed])).status;
+        assert!(status.success());
+        Ok(load(&out)?.remove("frames").expect("frames"))
+    };
+    let a = run("a.safetensors", "7")?;
+    let b = run("b.safetensors", "7")?;
+    let c = run("c.safetensors", "8")?;
+    assert_eq!(max_abs_diff(&a, &b)?, 0.0);
+    assert!(
+        max_abs_diff(&a, &c)? > 1e-3,
+        "a different seed must give a different clip"
+    );
+    // Every format writes from the same run path.
+    for name in ["clip.mp4", "clip.gif", "frames/"] {
+        let out = dir.path().join(name);
+        let run = vidit(&with(fixture_args(&model, &out), &["--seed", "7"]));
+        assert!(
+            run.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert!(out.exists());
+    }
+    assert_eq!(std::fs::read_dir(dir.path().join("frames"))?.count(), 5);
+    Ok(())
+}
+
+#[test]
+fn frame_count_is_rounded_with_a_warning() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("clip.safetensors");
+    let mut args = fixture_args(&fixtures().join("tiny-wan"), &out);
+    let i = args.iter().position(|a| a == "--frames").unwrap();
+    args[i + 1] = "7".into();
+    let run = vidit(&with(args, &["--seed", "1"]));
+    assert!(run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("rounding to 5"));
+    assert_eq!(load(&out)?["frames"].dims(), &[5, 3, 48, 64]);
+    Ok(())
+}
+
+/// Copies the tiny model folder so a test can break one file of it.
+fn model_copy(dir: &Path) -> Result<PathBuf> {
+    let dst = dir.join("model");
+    let src = fixtures().join("tiny-wan");
+    for entry in walk(&src)? {
+        let rel = entry.strip_prefix(&src)?;
+        std::fs::create_dir_all(dst.join(rel).parent().unwrap())?;
+        std::fs::copy(&entry, dst.join(rel))?;
+    }
+    Ok(dst)
+}
+
+fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            files.extend(walk(&path)?);
+        } else {
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+/// Runs a bad invocation: status 2, a single error line naming `needle`, and no output file.
+fn expect_input_error(args: Vec<String>, output: &Path, needle: &str) {
+    let run = vidit(&args);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(
+        run.status.code(),
+        Some(2),
+        "expected status 2 for {needle}; stderr: {stderr}"
+    );
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.starts_with("warning:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {stderr}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "`{needle}` not in: {stderr}"
+    );
+    assert!(!output.exists(), "no output may be left behind");
+    let parent = output.parent().unwrap();
+    if parent.is_dir() {
+        let stray: Vec<_> = std::fs::read_dir(parent)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(stray.is_empty(), "temporary files left: {stray:?}");
+    }
+}
+
+#[test]
+fn bad_flags_and_paths_are_one_line_errors() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = fixtures().join("tiny-wan");
+    let out = dir.path().join("clip.mp4");
+    let base = || fixture_args(&model, &out);
+    let set = |flag: &str, value: &str| {
+        let mut args = base();
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args[i + 1] = value.into();
+        args
+    };
+    expect_input_error(set("--height", "40"), &out, "--height 40");
+    expect_input_error(set("--width", "72"), &out, "--width 72");
+    expect_input_error(set("--prompt", "   "), &out, "--prompt");
+    expect_input_error(set("--steps", "0"), &out, "--steps");
+    expect_input_error(
+        fixture_args(&dir.path().join("no-such-model"), &out),
+        &out,
+        "no-such-model",
+    );
+    let missing_dir = dir.path().join("no/such/dir/clip.mp4");
+    expect_input_error(
+        fixture_args(&model, &missing_dir),
+        &missing_dir,
+        "does not exist",
+    );
+    let avi = dir.path().join("clip.avi");
+    expect_input_error(fixture_args(&model, &avi), &avi, "clip.avi");
+
+    // --init-latents: wrong shape, wrong key.
+    let wrong = dir.path().join("wrong.safetensors");
+    let zeros = Tensor::zeros((1, 16, 3, 6, 8), candle_core::DType::F32, &Device::Cpu)?;
+    candle_core::safetensors::save(
+        &HashMap::from([("latents".to_string(), zeros.clone())]),
+        &wrong,
+    )?;
+    expect_input_error(
+        with(base(), &["--init-latents", wrong.to_str().unwrap()]),
+        &out,
+        "shape [1, 16, 3, 6, 8]",
+    );
+    let other = dir.path().join("other.safetensors");
+    candle_core::safetensors::save(&HashMap::from([("noise".to_string(), zeros)]), &other)?;
+    expect_input_error(
+        with(base(), &["--init-latents", other.to_str().unwrap()]),
+        &out,
+        "no tensor `latents`",
+    );
+    expect_input_error(
+        with(
+            base(),
+            &["--save-latents", dir.path().join("l.bin").to_str().unwrap()],
+        ),
+        &out,
+        "l.bin",
+    );
+    Ok(())
+}
+
+#[test]
+fn broken_model_files_are_one_line_errors() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("clip.safetensors");
+
+    // A config key of the wrong type names the file and the key.
+    let model = model_copy(&dir.path().join("a"))?;
+    let config = model.join("transformer/config.json");
+    let text =
+        std::fs::read_to_string(&config)?.replace("\"num_layers\": 2", "\"num_layers\": \"two\"");
+    std::fs::write(&config, text)?;
+    expect_input_error(
+        fixture_args(&model, &out),
+        &out,
+        "transformer/config.json: key `num_layers`",
+    );
+
+    // Missing weights.
+    let model = model_copy(&dir.path().join("b"))?;
+    std::fs::remove_file(model.join("vae/diffusion_pytorch_model.safetensors"))?;
+    expect_input_error(fixture_args(&model, &out), &out, "no .safetensors weights");
+
+    // A tensor missing, and a tensor of the wrong shape: named by key and file.
+    for (case, key, change) in [
+        ("c", "blocks.1.ffn.net.2.bias", None),
+        ("d", "proj_out.weight", Some((64usize, 63usize))),
+    ] {
+        let model = model_copy(&dir.path().join(case))?;
+        let file = model.join("transformer/diffusion_pytorch_model.safetensors");
+        let mut tensors = load(&file)?;
+        match change {
+            None => {
+                tensors.remove(key);
+            }
+            Some(shape) => {
+                tensors.insert(
+                    key.into(),
+                    Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu)?,
+                );
+            }
+        }
+        candle_core::safetensors::save(&tensors, &file)?;
+        expect_input_error(fixture_args(&model, &out), &out, key);
+    }
+
+    // Not a safetensors file at all.
+    let model = model_copy(&dir.path().join("e"))?;
+    std::fs::write(model.join("text_encoder/model.safetensors"), b"garbage")?;
+    expect_input_error(
+        fixture_args(&model, &out),
+        &out,
+        "text_encoder/model.safetensors",
+    );
+
+    // No model_index.json.
+    let model = model_copy(&dir.path().join("f"))?;
+    std::fs::remove_file(model.join("model_index.json"))?;
+    expect_input_error(fixture_args(&model, &out), &out, "model_index.json");
+    Ok(())
+}
