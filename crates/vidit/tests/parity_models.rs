@@ -48,8 +48,18 @@ fn transformer_forward_matches_per_stage() -> Result<()> {
         get(&record, "input.timestep"),
         get(&record, "input.encoder_hidden_states"),
     )?;
+    let mut compared = 0;
     for (name, got) in &trace.tensors {
-        let mut expected = get(&record, name).clone();
+        // The reference hooks inner stages of block 0 only.
+        let Some(expected) = record.get(name) else {
+            assert!(
+                name.starts_with("blocks.1."),
+                "stage {name} missing from the fixture"
+            );
+            continue;
+        };
+        compared += 1;
+        let mut expected = expected.clone();
         if name == "patch_embedding" {
             // diffusers records the Conv3d output (B, dim, F', H', W'); tokens are its flattened grid.
             let (b, d) = (expected.dim(0)?, expected.dim(1)?);
@@ -57,7 +67,10 @@ fn transformer_forward_matches_per_stage() -> Result<()> {
         }
         assert_close(name, got, &expected, TOL)?;
     }
-    assert!(trace.tensors.len() >= 8, "trace recorded too few stages");
+    assert_eq!(
+        compared, 14,
+        "every stage the reference recorded is compared"
+    );
     assert_close("output", &out, get(&record, "output"), TOL)
 }
 

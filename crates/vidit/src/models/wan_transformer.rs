@@ -279,19 +279,32 @@ impl WanTransformerBlock {
         text_kv: &(Tensor, Tensor),
         rope: &(Tensor, Tensor),
     ) -> Result<Tensor> {
+        self.forward_traced(x, timestep_proj, text_kv, rope, &mut None)
+    }
+
+    /// [`Self::forward`], recording the inner stages as diffusers' module hooks see them.
+    fn forward_traced(
+        &self,
+        x: &Tensor,
+        timestep_proj: &Tensor,
+        text_kv: &(Tensor, Tensor),
+        rope: &(Tensor, Tensor),
+        trace: &mut Option<&mut Trace>,
+    ) -> Result<Tensor> {
         let modulation = timestep_proj.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?; // (B, S, 6, dim)
         let m = |i: usize| modulation.narrow(2, i, 1).and_then(|t| t.squeeze(2)); // (B, S, dim)
         let (shift, scale, gate) = (m(0)?, m(1)?, m(2)?);
         let (c_shift, c_scale, c_gate) = (m(3)?, m(4)?, m(5)?);
 
         // 1. Self-attention on the modulated norm, gated residual.
-        let h = self
-            .norm1
-            .forward(x)?
+        let normed = self.norm1.forward(x)?; // (B, L, dim)
+        Trace::record(trace, "norm1", &normed);
+        let h = normed
             .broadcast_mul(&(scale + 1.0)?)?
-            .broadcast_add(&shift)?; // (B, L, dim)
+            .broadcast_add(&shift)?;
         let self_kv = self.attn1.key_values(&h, Some(rope))?;
         let attn = self.attn1.forward(&h, &self_kv, Some(rope))?;
+        Trace::record(trace, "attn1", &attn);
         let x = (x + attn.broadcast_mul(&gate)?)?;
 
         // 2. Cross-attention to the text: plain residual, no modulation.
@@ -299,15 +312,19 @@ impl WanTransformerBlock {
             Some(norm) => norm.forward(&x)?,
             None => x.clone(),
         };
-        let x = (&x + self.attn2.forward(&h, text_kv, None)?)?;
+        Trace::record(trace, "norm2", &h);
+        let attn = self.attn2.forward(&h, text_kv, None)?;
+        Trace::record(trace, "attn2", &attn);
+        let x = (&x + attn)?;
 
         // 3. Feed-forward (GELU, tanh approximation) on the modulated norm, gated residual.
-        let h = self
-            .norm3
-            .forward(&x)?
+        let normed = self.norm3.forward(&x)?;
+        Trace::record(trace, "norm3", &normed);
+        let h = normed
             .broadcast_mul(&(c_scale + 1.0)?)?
             .broadcast_add(&c_shift)?;
         let ff = apply(&self.ffn_out, &apply(&self.ffn_in, &h)?.gelu()?)?;
+        Trace::record(trace, "ffn", &ff);
         Ok((x + ff.broadcast_mul(&c_gate)?)?)
     }
 }
@@ -498,7 +515,19 @@ impl WanTransformer3DModel {
 
         let mut x = x;
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, &timestep_proj, &text.kv[i], &rope)?;
+            let mut inner = Trace::default();
+            let record_inner = trace.is_some();
+            let traced = if record_inner {
+                &mut Some(&mut inner)
+            } else {
+                &mut None
+            };
+            x = block.forward_traced(&x, &timestep_proj, &text.kv[i], &rope, traced)?;
+            if let Some(trace) = trace {
+                for (name, t) in inner.tensors {
+                    trace.tensors.push((format!("blocks.{i}.{name}"), t));
+                }
+            }
             Trace::record(trace, format!("blocks.{i}"), &x);
         }
 
