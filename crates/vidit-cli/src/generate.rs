@@ -95,18 +95,13 @@ fn parse_device(name: &str) -> Result<Device> {
             }
             Ok(Device::new_cuda(ordinal.unwrap_or(0))?)
         }
-        _ => Err(input_error(format!(
-            "--device {name}: expected cpu or cuda[:N]"
-        ))),
+        _ => Err(input_error(format!("--device {name}: expected cpu or cuda[:N]"))),
     }
 }
 
 fn check_latents_path(flag: &str, path: &Path) -> Result<()> {
     if OutputFormat::from_path(path).ok() != Some(OutputFormat::Safetensors) {
-        return Err(input_error(format!(
-            "{flag} {}: must be a .safetensors file",
-            path.display()
-        )));
+        return Err(input_error(format!("{flag} {}: must be a .safetensors file", path.display())));
     }
     Ok(())
 }
@@ -160,11 +155,7 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, TextToVideo, Device)> {
         frames = rounded;
     }
     // The scheduler config (and an overriding --shift) must build.
-    from_config_file(
-        &configs.scheduler_config,
-        args.scheduler.map(scheduler_kind),
-        args.shift,
-    )?;
+    from_config_file(&configs.scheduler_config, args.scheduler.map(scheduler_kind), args.shift)?;
 
     let mut request = TextToVideo {
         prompt: args.prompt.clone(),
@@ -187,12 +178,7 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, TextToVideo, Device)> {
             args.height / vae.spatial_factor(),
             args.width / vae.spatial_factor(),
         ];
-        request.init_latents = Some(vidit::io::tensors::read_tensor(
-            path,
-            "latents",
-            Some(&shape),
-            &device,
-        )?);
+        request.init_latents = Some(vidit::io::tensors::read_tensor(path, "latents", Some(&shape), &device)?);
     }
     Ok((configs, request, device))
 }
@@ -206,10 +192,7 @@ fn scheduler_kind(arg: SchedulerArg) -> SchedulerKind {
 
 fn random_seed() -> u64 {
     use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
     (nanos as u64) ^ (std::process::id() as u64).rotate_left(32)
 }
 
@@ -221,46 +204,27 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let model = WanModel::load(configs, &device)?;
     if !args.quiet {
-        eprintln!(
-            "loaded {} in {:.1}s",
-            args.model.display(),
-            started.elapsed().as_secs_f64()
-        );
+        eprintln!("loaded {} in {:.1}s", args.model.display(), started.elapsed().as_secs_f64());
     }
-    let mut scheduler = from_config_file(
-        &model.scheduler_config,
-        args.scheduler.map(scheduler_kind),
-        args.shift,
-    )?;
+    let mut scheduler =
+        from_config_file(&model.scheduler_config, args.scheduler.map(scheduler_kind), args.shift)?;
 
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(request.num_inference_steps as u64)
-    };
+    let bar =
+        if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(request.num_inference_steps as u64) };
     bar.set_style(
         ProgressStyle::with_template("step {pos}/{len} [{bar:30}] {per_sec} ETA {eta}")
             .expect("static template")
             .progress_chars("=> "),
     );
-    let output = request.run(&model, scheduler.as_mut(), |i, _| {
-        bar.set_position(i as u64)
-    })?;
+    let output = request.run(&model, scheduler.as_mut(), |i, _| bar.set_position(i as u64))?;
     bar.finish_and_clear();
 
     write_video(&args.output, &output.frames, args.fps)?;
     if let Some(path) = &args.save_latents {
-        vidit::io::tensors::write_tensors(
-            path,
-            &HashMap::from([("latents".to_string(), output.latents)]),
-        )?;
+        vidit::io::tensors::write_tensors(path, &HashMap::from([("latents".to_string(), output.latents)]))?;
     }
     if !args.quiet {
-        eprintln!(
-            "wrote {} ({:.1}s)",
-            args.output.display(),
-            started.elapsed().as_secs_f64()
-        );
+        eprintln!("wrote {} ({:.1}s)", args.output.display(), started.elapsed().as_secs_f64());
     }
     Ok(())
 }

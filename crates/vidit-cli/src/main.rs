@@ -6,11 +6,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "vidit",
-    version,
-    about = "Video generation with latent diffusion transformers"
-)]
+#[command(name = "vidit", version, about = "Video generation with latent diffusion transformers")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,10 +28,8 @@ fn main() -> ExitCode {
         Err(err) => {
             // The user's mistakes get one line and status 2; internal failures the whole chain and 1.
             if vidit::error::is_input_error(&err) {
-                let input = err
-                    .chain()
-                    .find_map(|e| e.downcast_ref::<vidit::InputError>())
-                    .map(ToString::to_string);
+                let input =
+                    err.chain().find_map(|e| e.downcast_ref::<vidit::InputError>()).map(ToString::to_string);
                 eprintln!("error: {}", input.unwrap_or_else(|| err.to_string()));
                 ExitCode::from(2)
             } else {

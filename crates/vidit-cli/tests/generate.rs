@@ -45,10 +45,7 @@ fn fixture_args(model: &Path, output: &Path) -> Vec<String> {
 }
 
 fn vidit(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vidit"))
-        .args(args)
-        .output()
-        .expect("run vidit")
+    Command::new(env!("CARGO_BIN_EXE_vidit")).args(args).output().expect("run vidit")
 }
 
 fn with(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
@@ -69,10 +66,9 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 fn cli_writes_the_frames_diffusers_wrote() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let init = fixtures().join("init_latents.safetensors");
-    for (scheduler, record) in [
-        ("unipc", "pipeline_unipc.safetensors"),
-        ("euler", "pipeline_euler.safetensors"),
-    ] {
+    for (scheduler, record) in
+        [("unipc", "pipeline_unipc.safetensors"), ("euler", "pipeline_euler.safetensors")]
+    {
         let out = dir.path().join(format!("{scheduler}.safetensors"));
         let latents = dir.path().join(format!("{scheduler}-latents.safetensors"));
         let args = with(
@@ -87,11 +83,7 @@ fn cli_writes_the_frames_diffusers_wrote() -> Result<()> {
             ],
         );
         let run = vidit(&args);
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
         let expected = load(&fixtures().join(record))?;
         let frames = load(&out)?.remove("frames").expect("tensor `frames`");
         let reference = expected["frames"].squeeze(0)?.permute((0, 3, 1, 2))?; // (F, 3, H, W)
@@ -118,19 +110,12 @@ fn same_seed_same_clip() -> Result<()> {
     let b = run("b.safetensors", "7")?;
     let c = run("c.safetensors", "8")?;
     assert_eq!(max_abs_diff(&a, &b)?, 0.0);
-    assert!(
-        max_abs_diff(&a, &c)? > 1e-3,
-        "a different seed must give a different clip"
-    );
+    assert!(max_abs_diff(&a, &c)? > 1e-3, "a different seed must give a different clip");
     // Every format writes from the same run path.
     for name in ["clip.mp4", "clip.gif", "frames/"] {
         let out = dir.path().join(name);
         let run = vidit(&with(fixture_args(&model, &out), &["--seed", "7"]));
-        assert!(
-            run.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&run.stderr)
-        );
+        assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
         assert!(out.exists());
     }
     assert_eq!(std::fs::read_dir(dir.path().join("frames"))?.count(), 5);
@@ -180,20 +165,10 @@ fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
 fn expect_input_error(args: Vec<String>, output: &Path, needle: &str) {
     let run = vidit(&args);
     let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(
-        run.status.code(),
-        Some(2),
-        "expected status 2 for {needle}; stderr: {stderr}"
-    );
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|l| !l.starts_with("warning:"))
-        .collect();
+    assert_eq!(run.status.code(), Some(2), "expected status 2 for {needle}; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("warning:")).collect();
     assert_eq!(lines.len(), 1, "one line expected, got: {stderr}");
-    assert!(
-        lines[0].starts_with("error: ") && lines[0].contains(needle),
-        "`{needle}` not in: {stderr}"
-    );
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "`{needle}` not in: {stderr}");
     assert!(!output.exists(), "no output may be left behind");
     let parent = output.parent().unwrap();
     if parent.is_dir() {
@@ -223,27 +198,16 @@ fn bad_flags_and_paths_are_one_line_errors() -> Result<()> {
     expect_input_error(set("--width", "72"), &out, "--width 72");
     expect_input_error(set("--prompt", "   "), &out, "--prompt");
     expect_input_error(set("--steps", "0"), &out, "--steps");
-    expect_input_error(
-        fixture_args(&dir.path().join("no-such-model"), &out),
-        &out,
-        "no-such-model",
-    );
+    expect_input_error(fixture_args(&dir.path().join("no-such-model"), &out), &out, "no-such-model");
     let missing_dir = dir.path().join("no/such/dir/clip.mp4");
-    expect_input_error(
-        fixture_args(&model, &missing_dir),
-        &missing_dir,
-        "does not exist",
-    );
+    expect_input_error(fixture_args(&model, &missing_dir), &missing_dir, "does not exist");
     let avi = dir.path().join("clip.avi");
     expect_input_error(fixture_args(&model, &avi), &avi, "clip.avi");
 
     // --init-latents: wrong shape, wrong key.
     let wrong = dir.path().join("wrong.safetensors");
     let zeros = Tensor::zeros((1, 16, 3, 6, 8), candle_core::DType::F32, &Device::Cpu)?;
-    candle_core::safetensors::save(
-        &HashMap::from([("latents".to_string(), zeros.clone())]),
-        &wrong,
-    )?;
+    candle_core::safetensors::save(&HashMap::from([("latents".to_string(), zeros.clone())]), &wrong)?;
     expect_input_error(
         with(base(), &["--init-latents", wrong.to_str().unwrap()]),
         &out,
@@ -257,10 +221,7 @@ fn bad_flags_and_paths_are_one_line_errors() -> Result<()> {
         "no tensor `latents`",
     );
     expect_input_error(
-        with(
-            base(),
-            &["--save-latents", dir.path().join("l.bin").to_str().unwrap()],
-        ),
+        with(base(), &["--save-latents", dir.path().join("l.bin").to_str().unwrap()]),
         &out,
         "l.bin",
     );
@@ -275,14 +236,9 @@ fn broken_model_files_are_one_line_errors() -> Result<()> {
     // A config key of the wrong type names the file and the key.
     let model = model_copy(&dir.path().join("a"))?;
     let config = model.join("transformer/config.json");
-    let text =
-        std::fs::read_to_string(&config)?.replace("\"num_layers\": 2", "\"num_layers\": \"two\"");
+    let text = std::fs::read_to_string(&config)?.replace("\"num_layers\": 2", "\"num_layers\": \"two\"");
     std::fs::write(&config, text)?;
-    expect_input_error(
-        fixture_args(&model, &out),
-        &out,
-        "transformer/config.json: key `num_layers`",
-    );
+    expect_input_error(fixture_args(&model, &out), &out, "transformer/config.json: key `num_layers`");
 
     // Missing weights.
     let model = model_copy(&dir.path().join("b"))?;
@@ -290,10 +246,9 @@ fn broken_model_files_are_one_line_errors() -> Result<()> {
     expect_input_error(fixture_args(&model, &out), &out, "no .safetensors weights");
 
     // A tensor missing, and a tensor of the wrong shape: named by key and file.
-    for (case, key, change) in [
-        ("c", "blocks.1.ffn.net.2.bias", None),
-        ("d", "proj_out.weight", Some((64usize, 63usize))),
-    ] {
+    for (case, key, change) in
+        [("c", "blocks.1.ffn.net.2.bias", None), ("d", "proj_out.weight", Some((64usize, 63usize)))]
+    {
         let model = model_copy(&dir.path().join(case))?;
         let file = model.join("transformer/diffusion_pytorch_model.safetensors");
         let mut tensors = load(&file)?;
@@ -302,10 +257,7 @@ fn broken_model_files_are_one_line_errors() -> Result<()> {
                 tensors.remove(key);
             }
             Some(shape) => {
-                tensors.insert(
-                    key.into(),
-                    Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu)?,
-                );
+                tensors.insert(key.into(), Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu)?);
             }
         }
         candle_core::safetensors::save(&tensors, &file)?;
@@ -315,11 +267,7 @@ fn broken_model_files_are_one_line_errors() -> Result<()> {
     // Not a safetensors file at all.
     let model = model_copy(&dir.path().join("e"))?;
     std::fs::write(model.join("text_encoder/model.safetensors"), b"garbage")?;
-    expect_input_error(
-        fixture_args(&model, &out),
-        &out,
-        "text_encoder/model.safetensors",
-    );
+    expect_input_error(fixture_args(&model, &out), &out, "text_encoder/model.safetensors");
 
     // No model_index.json.
     let model = model_copy(&dir.path().join("f"))?;

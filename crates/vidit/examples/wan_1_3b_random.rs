@@ -38,7 +38,9 @@ const CONFIG: &str = r#"{
 }"#;
 
 /// Records the (name, shape) of every parameter the model asks for, handing out free broadcast zeros.
-struct Recorder(Arc<Mutex<Vec<(String, Vec<usize>)>>>);
+type Params = Vec<(String, Vec<usize>)>;
+
+struct Recorder(Arc<Mutex<Params>>);
 
 impl SimpleBackend for Recorder {
     fn get(
@@ -49,10 +51,7 @@ impl SimpleBackend for Recorder {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.0
-            .lock()
-            .unwrap()
-            .push((name.to_string(), s.dims().to_vec()));
+        self.0.lock().unwrap().push((name.to_string(), s.dims().to_vec()));
         Tensor::zeros(1, dtype, dev)?.broadcast_as(s)
     }
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
@@ -75,9 +74,7 @@ fn status_kb(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(f64::NAN)
 }
@@ -108,10 +105,7 @@ fn write_checkpoint(path: &Path, params: &[(String, Vec<usize>)]) -> Result<()> 
     for (name, shape) in params {
         let n: usize = shape.iter().product();
         let (offset, bound) = if shape.len() >= 2 {
-            (
-                0.0,
-                (3.0 / shape[1..].iter().product::<usize>() as f64).sqrt(),
-            )
+            (0.0, (3.0 / shape[1..].iter().product::<usize>() as f64).sqrt())
         } else if name.ends_with("weight") {
             (1.0, 0.1)
         } else {
@@ -137,9 +131,7 @@ fn write_checkpoint(path: &Path, params: &[(String, Vec<usize>)]) -> Result<()> 
 }
 
 fn main() -> Result<()> {
-    let dir = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "/tmp/wan-1.3b-random".into());
+    let dir = std::env::args().nth(1).unwrap_or_else(|| "/tmp/wan-1.3b-random".into());
     let dir = Path::new(&dir);
     std::fs::create_dir_all(dir)?;
     let config: WanTransformerConfig = serde_json::from_str(CONFIG)?;
@@ -147,18 +139,11 @@ fn main() -> Result<()> {
     let weights = dir.join("diffusion_pytorch_model.safetensors");
     if !weights.exists() {
         let names = Arc::new(Mutex::new(Vec::new()));
-        let vb = VarBuilder::from_backend(
-            Box::new(Recorder(names.clone())),
-            DType::F32,
-            device.clone(),
-        );
+        let vb = VarBuilder::from_backend(Box::new(Recorder(names.clone())), DType::F32, device.clone());
         WanTransformer3DModel::new(config.clone(), vb)?;
         let mut params = names.lock().unwrap().clone();
         params.sort();
-        let count: usize = params
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum();
+        let count: usize = params.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
         let started = Instant::now();
         write_checkpoint(&weights, &params).context("writing the checkpoint")?;
         println!(
@@ -185,10 +170,7 @@ fn main() -> Result<()> {
     let timestep = Tensor::new(&[999f32, 999.0], &device)?;
     let started = Instant::now();
     let context = model.text_context(&text)?;
-    println!(
-        "text context (2 x 512 tokens, 30 blocks' K/V): {:.2}s",
-        started.elapsed().as_secs_f64()
-    );
+    println!("text context (2 x 512 tokens, 30 blocks' K/V): {:.2}s", started.elapsed().as_secs_f64());
     for i in 0..3 {
         let started = Instant::now();
         let out = model.forward(&latents, &timestep, &context)?;

@@ -20,6 +20,5 @@ pub fn input_error(message: impl Into<String>) -> anyhow::Error {
 
 /// Whether an error (or anything in its chain) is the user's to fix.
 pub fn is_input_error(err: &anyhow::Error) -> bool {
-    err.chain()
-        .any(|e| e.downcast_ref::<InputError>().is_some())
+    err.chain().any(|e| e.downcast_ref::<InputError>().is_some())
 }

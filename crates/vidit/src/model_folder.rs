@@ -21,8 +21,7 @@ use std::path::{Path, PathBuf};
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| input_error(format!("{}: cannot read: {e}", path.display())))?;
-    serde_json::from_str(&text)
-        .map_err(|e| input_error(format!("{}: invalid JSON: {e}", path.display())))
+    serde_json::from_str(&text).map_err(|e| input_error(format!("{}: invalid JSON: {e}", path.display())))
 }
 
 /// Deserialises a config value; errors name the file and the key (`a.b[2]`) that is wrong.
@@ -51,21 +50,15 @@ pub struct ModelFolder {
 impl ModelFolder {
     pub fn open(root: &Path) -> Result<Self> {
         if !root.is_dir() {
-            return Err(input_error(format!(
-                "{}: model folder not found",
-                root.display()
-            )));
+            return Err(input_error(format!("{}: model folder not found", root.display())));
         }
         let index_path = root.join("model_index.json");
         let index = read_json(&index_path)?;
-        let object = index.as_object().ok_or_else(|| {
-            input_error(format!("{}: expected a JSON object", index_path.display()))
-        })?;
-        let pipeline_class = object
-            .get("_class_name")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string();
+        let object = index
+            .as_object()
+            .ok_or_else(|| input_error(format!("{}: expected a JSON object", index_path.display())))?;
+        let pipeline_class =
+            object.get("_class_name").and_then(|v| v.as_str()).unwrap_or_default().to_string();
         let components = object
             .iter()
             .filter_map(|(name, value)| {
@@ -74,11 +67,7 @@ impl ModelFolder {
                 Some((name.clone(), class.to_string()))
             })
             .collect();
-        Ok(Self {
-            root: root.to_path_buf(),
-            pipeline_class,
-            components,
-        })
+        Ok(Self { root: root.to_path_buf(), pipeline_class, components })
     }
 
     /// The folder of a component, which must be listed in `model_index.json` and exist.
@@ -91,10 +80,7 @@ impl ModelFolder {
         }
         let dir = self.root.join(name);
         if !dir.is_dir() {
-            return Err(input_error(format!(
-                "{}: component folder missing",
-                dir.display()
-            )));
+            return Err(input_error(format!("{}: component folder missing", dir.display())));
         }
         Ok(dir)
     }
@@ -103,39 +89,25 @@ impl ModelFolder {
 /// The safetensors files of a component folder: a single `*.safetensors`, or the shards named by
 /// a `*.safetensors.index.json`.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| input_error(format!("{}: cannot read: {e}", dir.display())))?;
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .collect();
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| input_error(format!("{}: cannot read: {e}", dir.display())))?;
+    let mut names: Vec<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
     names.sort();
-    if let Some(index) = names
-        .iter()
-        .find(|n| n.ends_with(".safetensors.index.json"))
-    {
+    if let Some(index) = names.iter().find(|n| n.ends_with(".safetensors.index.json")) {
         let path = dir.join(index);
         let json = read_json(&path)?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| input_error(format!("{}: no `weight_map` object", path.display())))?;
-        let mut files: Vec<String> = map
-            .values()
-            .filter_map(|v| v.as_str().map(String::from))
-            .collect();
+        let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
         files.sort();
         files.dedup();
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
-    let singles: Vec<&String> = names
-        .iter()
-        .filter(|n| n.ends_with(".safetensors"))
-        .collect();
+    let singles: Vec<&String> = names.iter().filter(|n| n.ends_with(".safetensors")).collect();
     match singles.as_slice() {
-        [] => Err(input_error(format!(
-            "{}: no .safetensors weights",
-            dir.display()
-        ))),
+        [] => Err(input_error(format!("{}: no .safetensors weights", dir.display()))),
         [one] => Ok(vec![dir.join(one)]),
         _ => Err(input_error(format!(
             "{}: several .safetensors files and no *.safetensors.index.json to say which to use",
@@ -160,14 +132,10 @@ impl MappedWeights {
             let file = std::fs::File::open(path)
                 .map_err(|e| input_error(format!("{}: cannot open: {e}", path.display())))?;
             // SAFETY: the map is read-only; a file truncated under us is the user's to avoid, as with any mmap loader.
-            let mmap = unsafe { Mmap::map(&file) }
-                .with_context(|| format!("{}: cannot map", path.display()))?;
-            let tensors = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
-                input_error(format!(
-                    "{}: not a valid safetensors file: {e}",
-                    path.display()
-                ))
-            })?;
+            let mmap =
+                unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
+            let tensors = safetensors::SafeTensors::deserialize(&mmap)
+                .map_err(|e| input_error(format!("{}: not a valid safetensors file: {e}", path.display())))?;
             let base = mmap.as_ptr() as usize;
             for (name, view) in tensors.tensors() {
                 let offset = view.data().as_ptr() as usize - base;
@@ -181,11 +149,7 @@ impl MappedWeights {
     /// Opens a component folder's weights as a `VarBuilder` producing f32 tensors on `device`.
     pub fn var_builder(dir: &Path, device: &Device) -> Result<VarBuilder<'static>> {
         let weights = Self::open(&weight_files(dir)?)?;
-        Ok(VarBuilder::from_backend(
-            Box::new(weights),
-            DType::F32,
-            device.clone(),
-        ))
+        Ok(VarBuilder::from_backend(Box::new(weights), DType::F32, device.clone()))
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &str> {
@@ -195,24 +159,20 @@ impl MappedWeights {
     fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         // Plain messages (no `bail!`, which attaches a backtrace); the caller names the folder.
         let Some(&(index, offset, len)) = self.routing.get(name) else {
-            return Err(candle_core::Error::Msg(format!(
-                "weights have no tensor `{name}`"
-            )));
+            return Err(candle_core::Error::Msg(format!("weights have no tensor `{name}`")));
         };
         let (path, mmap) = &self.files[index];
         let tensors = safetensors::SafeTensors::deserialize(mmap)
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
-        let view = tensors
-            .tensor(name)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+        let view =
+            tensors.tensor(name).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
         let tensor = view.load(device)?.to_dtype(dtype)?;
         // The data now lives in `tensor`: let the kernel drop the mapped pages so they are not resident twice.
         let page = 4096;
         let start = offset / page * page;
         // SAFETY: the map is read-only and file-backed; dropped pages are re-read from the file if touched again.
         unsafe {
-            let _ =
-                mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, offset + len - start);
+            let _ = mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, offset + len - start);
         }
         Ok(tensor)
     }

@@ -17,14 +17,11 @@ pub fn tiny_wan() -> PathBuf {
 
 pub fn load(name: &str) -> Result<HashMap<String, Tensor>> {
     let path = fixtures().join(name);
-    candle_core::safetensors::load(&path, &Device::Cpu)
-        .with_context(|| format!("{}", path.display()))
+    candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("{}", path.display()))
 }
 
 pub fn get<'a>(record: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
-    record
-        .get(key)
-        .unwrap_or_else(|| panic!("fixture has no tensor `{key}`"))
+    record.get(key).unwrap_or_else(|| panic!("fixture has no tensor `{key}`"))
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {

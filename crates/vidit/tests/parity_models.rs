@@ -52,10 +52,7 @@ fn transformer_forward_matches_per_stage() -> Result<()> {
     for (name, got) in &trace.tensors {
         // The reference hooks inner stages of block 0 only.
         let Some(expected) = record.get(name) else {
-            assert!(
-                name.starts_with("blocks.1."),
-                "stage {name} missing from the fixture"
-            );
+            assert!(name.starts_with("blocks.1."), "stage {name} missing from the fixture");
             continue;
         };
         compared += 1;
@@ -67,10 +64,7 @@ fn transformer_forward_matches_per_stage() -> Result<()> {
         }
         assert_close(name, got, &expected, TOL)?;
     }
-    assert_eq!(
-        compared, 14,
-        "every stage the reference recorded is compared"
-    );
+    assert_eq!(compared, 14, "every stage the reference recorded is compared");
     assert_close("output", &out, get(&record, "output"), TOL)
 }
 
@@ -100,48 +94,26 @@ fn vae_encode_and_decode_match() -> Result<()> {
     let record = load("vae.safetensors")?;
     let vae = vae()?;
     let posterior = vae.encode(get(&record, "video"))?;
-    assert_close(
-        "posterior mean",
-        &posterior.mean,
-        get(&record, "posterior_mean"),
-        TOL,
-    )?;
-    assert_close(
-        "posterior logvar",
-        &posterior.logvar,
-        get(&record, "posterior_logvar"),
-        TOL,
-    )?;
+    assert_close("posterior mean", &posterior.mean, get(&record, "posterior_mean"), TOL)?;
+    assert_close("posterior logvar", &posterior.logvar, get(&record, "posterior_logvar"), TOL)?;
     let decoded = vae.decode(get(&record, "posterior_mean"))?;
     assert_close("decoded", &decoded, get(&record, "decoded"), TOL)?;
     let image = vae.encode(get(&record, "image"))?;
     assert_close("image mean", &image.mean, get(&record, "image_mean"), TOL)?;
-    assert_close(
-        "image decoded",
-        &vae.decode(&image.mean)?,
-        get(&record, "image_decoded"),
-        TOL,
-    )
+    assert_close("image decoded", &vae.decode(&image.mean)?, get(&record, "image_decoded"), TOL)
 }
 
 #[test]
 fn text_encoder_and_padded_embeddings_match() -> Result<()> {
     let record = load("umt5.safetensors")?;
     let encoder = prompt_encoder()?;
-    let prompts = vec![
-        "a cat dancing in a red field".to_string(),
-        "blurry low quality".to_string(),
-    ];
+    let prompts = vec!["a cat dancing in a red field".to_string(), "blurry low quality".to_string()];
     let (ids, mask) = encoder.tokenize(&prompts, 32, &Device::Cpu)?;
     let expected_ids: Vec<Vec<i64>> = get(&record, "input_ids").to_vec2()?;
     let got_ids: Vec<Vec<i64>> = ids.to_dtype(candle_core::DType::I64)?.to_vec2()?;
     assert_eq!(got_ids, expected_ids, "token ids");
     let expected_mask: Vec<Vec<i64>> = get(&record, "attention_mask").to_vec2()?;
-    assert_eq!(
-        mask.to_dtype(candle_core::DType::I64)?.to_vec2::<i64>()?,
-        expected_mask,
-        "attention mask"
-    );
+    assert_eq!(mask.to_dtype(candle_core::DType::I64)?.to_vec2::<i64>()?, expected_mask, "attention mask");
 
     let dir = tiny_wan().join("text_encoder");
     let model = Umt5EncoderModel::new(
@@ -149,31 +121,11 @@ fn text_encoder_and_padded_embeddings_match() -> Result<()> {
         MappedWeights::var_builder(&dir, &Device::Cpu)?,
     )?;
     let hidden = model.forward(&ids, &mask)?;
-    assert_close(
-        "last hidden state",
-        &hidden,
-        get(&record, "last_hidden_state"),
-        TOL,
-    )?;
+    assert_close("last hidden state", &hidden, get(&record, "last_hidden_state"), TOL)?;
     let padded = zero_padding(&hidden, &mask)?;
-    assert_close(
-        "prompt embeds",
-        &padded.i(0..1)?,
-        get(&record, "prompt_embeds"),
-        TOL,
-    )?;
-    assert_close(
-        "negative prompt embeds",
-        &padded.i(1..2)?,
-        get(&record, "negative_prompt_embeds"),
-        TOL,
-    )?;
+    assert_close("prompt embeds", &padded.i(0..1)?, get(&record, "prompt_embeds"), TOL)?;
+    assert_close("negative prompt embeds", &padded.i(1..2)?, get(&record, "negative_prompt_embeds"), TOL)?;
     // The same through the pipeline-facing entry point.
     let embeds = encoder.encode(&prompts, 32, &Device::Cpu)?;
-    assert_close(
-        "encode()",
-        &embeds.i(0..1)?,
-        get(&record, "prompt_embeds"),
-        TOL,
-    )
+    assert_close("encode()", &embeds.i(0..1)?, get(&record, "prompt_embeds"), TOL)
 }

@@ -26,30 +26,15 @@ fn request(init: &candle_core::Tensor) -> TextToVideo {
 #[test]
 fn three_step_runs_match_diffusers() -> Result<()> {
     let model = WanModel::open(&tiny_wan(), &Device::Cpu)?;
-    for (name, kind) in [
-        ("unipc", SchedulerKind::UniPc),
-        ("euler", SchedulerKind::Euler),
-    ] {
+    for (name, kind) in [("unipc", SchedulerKind::UniPc), ("euler", SchedulerKind::Euler)] {
         let record = load(&format!("pipeline_{name}.safetensors"))?;
         let mut scheduler = from_config_file(&model.scheduler_config, Some(kind), None)?;
         let mut steps = 0;
-        let out =
-            request(get(&record, "latents")).run(&model, scheduler.as_mut(), |_, _| steps += 1)?;
+        let out = request(get(&record, "latents")).run(&model, scheduler.as_mut(), |_, _| steps += 1)?;
         assert_eq!(steps, 3);
-        let expected_t: Vec<f32> = get(&record, "timesteps")
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1()?;
-        assert_eq!(
-            scheduler.timesteps(),
-            expected_t.as_slice(),
-            "{name} timesteps"
-        );
-        assert_close(
-            &format!("{name} final latents"),
-            &out.latents,
-            get(&record, "step.2.latents"),
-            1e-5,
-        )?;
+        let expected_t: Vec<f32> = get(&record, "timesteps").to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        assert_eq!(scheduler.timesteps(), expected_t.as_slice(), "{name} timesteps");
+        assert_close(&format!("{name} final latents"), &out.latents, get(&record, "step.2.latents"), 1e-5)?;
         // diffusers returns (1, F, H, W, 3); vidit (F, 3, H, W).
         let expected = get(&record, "frames").squeeze(0)?.permute((0, 3, 1, 2))?;
         assert_close(&format!("{name} frames"), &out.frames, &expected, 1e-4)?;

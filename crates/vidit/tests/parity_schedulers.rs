@@ -6,8 +6,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 use common::{assert_close, get, load};
 use vidit::schedulers::{
-    FlowMatchEulerConfig, FlowMatchEulerDiscreteScheduler, Scheduler, UniPcConfig,
-    UniPcMultistepScheduler,
+    FlowMatchEulerConfig, FlowMatchEulerDiscreteScheduler, Scheduler, UniPcConfig, UniPcMultistepScheduler,
 };
 
 fn build(kind: &str, shift: f64) -> Result<Box<dyn Scheduler>> {
@@ -18,12 +17,10 @@ fn build(kind: &str, shift: f64) -> Result<Box<dyn Scheduler>> {
             flow_shift: shift,
             ..Default::default()
         })?),
-        _ => Box::new(FlowMatchEulerDiscreteScheduler::new(
-            FlowMatchEulerConfig {
-                shift,
-                ..Default::default()
-            },
-        )?),
+        _ => Box::new(FlowMatchEulerDiscreteScheduler::new(FlowMatchEulerConfig {
+            shift,
+            ..Default::default()
+        })?),
     })
 }
 
@@ -36,9 +33,8 @@ fn timesteps_and_sigmas_are_exact() -> Result<()> {
                 let key = format!("{kind}.shift{shift}.steps{steps}");
                 let mut s = build(kind, shift)?;
                 s.set_timesteps(steps)?;
-                let expected_t: Vec<f32> = get(&record, &format!("{key}.timesteps"))
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1()?;
+                let expected_t: Vec<f32> =
+                    get(&record, &format!("{key}.timesteps")).to_dtype(candle_core::DType::F32)?.to_vec1()?;
                 let expected_s: Vec<f32> = get(&record, &format!("{key}.sigmas")).to_vec1()?;
                 assert_eq!(s.timesteps(), expected_t.as_slice(), "{key} timesteps");
                 assert_eq!(s.sigmas(), expected_s.as_slice(), "{key} sigmas");

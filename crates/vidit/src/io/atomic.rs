@@ -5,14 +5,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 fn temp_sibling(path: &Path) -> Result<PathBuf> {
-    let name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file path", path.display()))?
-        .to_string_lossy();
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let name =
+        path.file_name().with_context(|| format!("{}: not a file path", path.display()))?.to_string_lossy();
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     Ok(parent.join(format!(".{name}.{}.tmp", std::process::id())))
 }
 
@@ -22,8 +17,7 @@ pub fn write_file(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Resul
     let tmp = temp_sibling(path)?;
     let result = write(&tmp).and_then(|()| {
         fs::File::open(&tmp)?.sync_all()?;
-        fs::rename(&tmp, path)
-            .with_context(|| format!("{}: cannot rename into place", path.display()))
+        fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
     });
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -43,8 +37,7 @@ pub fn write_dir(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result
             fs::remove_dir(path)
                 .with_context(|| format!("{}: folder exists and is not empty", path.display()))?;
         }
-        fs::rename(&tmp, path)
-            .with_context(|| format!("{}: cannot rename into place", path.display()))
+        fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
     });
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);

@@ -54,38 +54,20 @@ impl OutputFormat {
 pub fn check_writable(path: &Path) -> Result<()> {
     let format = OutputFormat::from_path(path)?;
     let target = path.components().as_path();
-    let parent = target
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !parent.is_dir() {
-        return Err(input_error(format!(
-            "{}: folder {} does not exist",
-            path.display(),
-            parent.display()
-        )));
+        return Err(input_error(format!("{}: folder {} does not exist", path.display(), parent.display())));
     }
-    if format == OutputFormat::PngFolder
-        && target.is_dir()
-        && std::fs::read_dir(target)?.next().is_some()
-    {
-        return Err(input_error(format!(
-            "{}: folder exists and is not empty",
-            path.display()
-        )));
+    if format == OutputFormat::PngFolder && target.is_dir() && std::fs::read_dir(target)?.next().is_some() {
+        return Err(input_error(format!("{}: folder exists and is not empty", path.display())));
     }
     if target.is_dir() && format != OutputFormat::PngFolder {
         return Err(input_error(format!("{}: is a folder", path.display())));
     }
     // Probe with a real file: permissions, read-only mounts.
     let probe = parent.join(format!(".vidit-write-test-{}", std::process::id()));
-    File::create(&probe).map_err(|e| {
-        input_error(format!(
-            "{}: cannot write to {}: {e}",
-            path.display(),
-            parent.display()
-        ))
-    })?;
+    File::create(&probe)
+        .map_err(|e| input_error(format!("{}: cannot write to {}: {e}", path.display(), parent.display())))?;
     let _ = std::fs::remove_file(probe);
     Ok(())
 }
@@ -105,14 +87,8 @@ pub fn write_video(path: &Path, frames: &Tensor, fps: f64) -> Result<()> {
             atomic::write_dir(path, |dir| {
                 for (i, frame) in rgb.iter().enumerate() {
                     let file = dir.join(format!("frame_{i:04}.png"));
-                    image::save_buffer(
-                        &file,
-                        frame,
-                        w as u32,
-                        h as u32,
-                        image::ExtendedColorType::Rgb8,
-                    )
-                    .with_context(|| format!("{}: cannot write", file.display()))?;
+                    image::save_buffer(&file, frame, w as u32, h as u32, image::ExtendedColorType::Rgb8)
+                        .with_context(|| format!("{}: cannot write", file.display()))?;
                 }
                 Ok(())
             })
@@ -136,10 +112,7 @@ fn write_gif(path: &Path, frames: &[Vec<u8>], w: usize, h: usize, fps: f64) -> R
     // GIF delays are whole centiseconds: the nearest to 1/fps.
     let delay = image::Delay::from_numer_denom_ms(1000, fps.round().max(1.0) as u32);
     for rgb in frames {
-        let rgba: Vec<u8> = rgb
-            .chunks(3)
-            .flat_map(|p| [p[0], p[1], p[2], 255])
-            .collect();
+        let rgba: Vec<u8> = rgb.chunks(3).flat_map(|p| [p[0], p[1], p[2], 255]).collect();
         let buffer = image::RgbaImage::from_raw(w as u32, h as u32, rgba)
             .ok_or_else(|| anyhow!("frame size mismatch"))?;
         encoder.encode_frame(image::Frame::from_parts(buffer, 0, 0, delay))?;
@@ -160,22 +133,16 @@ pub fn encode_h264(frames: &[Vec<u8>], w: usize, h: usize, fps: f64) -> Result<V
     use openh264::OpenH264API;
     // About 0.25 bit per pixel per frame: clean at the small sizes vidit generates on CPU.
     let bps = ((w * h) as f64 * fps * 0.25).max(100_000.0) as u32;
-    let config = EncoderConfig::new()
-        .bitrate(BitRate::from_bps(bps))
-        .max_frame_rate(FrameRate::from_hz(fps as f32));
+    let config =
+        EncoderConfig::new().bitrate(BitRate::from_bps(bps)).max_frame_rate(FrameRate::from_hz(fps as f32));
     let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
         .map_err(|e| anyhow!("H.264 encoder: {e}"))?;
     let mut packets = Vec::with_capacity(frames.len());
     for rgb in frames {
         let yuv = YUVBuffer::from_rgb_source(RgbSliceU8::new(rgb, (w, h)));
-        let stream = encoder
-            .encode(&yuv)
-            .map_err(|e| anyhow!("H.264 encode: {e}"))?;
+        let stream = encoder.encode(&yuv).map_err(|e| anyhow!("H.264 encode: {e}"))?;
         let keyframe = matches!(stream.frame_type(), FrameType::IDR | FrameType::I);
-        packets.push(H264Packet {
-            annex_b: stream.to_vec(),
-            keyframe,
-        });
+        packets.push(H264Packet { annex_b: stream.to_vec(), keyframe });
     }
     Ok(packets)
 }
@@ -219,22 +186,10 @@ mod tests {
 
     #[test]
     fn format_follows_the_path() {
-        assert_eq!(
-            OutputFormat::from_path(Path::new("a.mp4")).unwrap(),
-            OutputFormat::Mp4
-        );
-        assert_eq!(
-            OutputFormat::from_path(Path::new("a.GIF")).unwrap(),
-            OutputFormat::Gif
-        );
-        assert_eq!(
-            OutputFormat::from_path(Path::new("out/")).unwrap(),
-            OutputFormat::PngFolder
-        );
-        assert_eq!(
-            OutputFormat::from_path(Path::new("x.safetensors")).unwrap(),
-            OutputFormat::Safetensors
-        );
+        assert_eq!(OutputFormat::from_path(Path::new("a.mp4")).unwrap(), OutputFormat::Mp4);
+        assert_eq!(OutputFormat::from_path(Path::new("a.GIF")).unwrap(), OutputFormat::Gif);
+        assert_eq!(OutputFormat::from_path(Path::new("out/")).unwrap(), OutputFormat::PngFolder);
+        assert_eq!(OutputFormat::from_path(Path::new("x.safetensors")).unwrap(), OutputFormat::Safetensors);
         let err = OutputFormat::from_path(Path::new("a.avi")).unwrap_err();
         assert!(crate::error::is_input_error(&err) && err.to_string().contains("a.avi"));
     }
@@ -265,12 +220,8 @@ mod tests {
         }
         assert_eq!(decoded.len(), 9);
         for (a, b) in rgb.iter().zip(&decoded) {
-            let mse: f64 = a
-                .iter()
-                .zip(b)
-                .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-                .sum::<f64>()
-                / a.len() as f64;
+            let mse: f64 =
+                a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>() / a.len() as f64;
             let psnr = 10.0 * (255.0f64 * 255.0 / mse.max(1e-9)).log10();
             assert!(psnr > 30.0, "PSNR {psnr:.1} dB");
         }
@@ -299,20 +250,13 @@ mod tests {
         let mp4 = dir.path().join("clip.mp4");
         write_video(&mp4, &frames, 8.0)?;
         let order = boxes(&std::fs::read(&mp4)?);
-        let (moov, mdat) = (
-            order.iter().position(|b| b == "moov"),
-            order.iter().position(|b| b == "mdat"),
-        );
+        let (moov, mdat) = (order.iter().position(|b| b == "moov"), order.iter().position(|b| b == "mdat"));
         assert_eq!(order.first().map(String::as_str), Some("ftyp"));
-        assert!(
-            moov.is_some() && moov < mdat,
-            "moov must come before mdat (fast start): {order:?}"
-        );
+        assert!(moov.is_some() && moov < mdat, "moov must come before mdat (fast start): {order:?}");
 
         let gif = dir.path().join("clip.gif");
         write_video(&gif, &frames, 8.0)?;
-        let decoder =
-            image::codecs::gif::GifDecoder::new(std::io::BufReader::new(File::open(&gif)?))?;
+        let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(File::open(&gif)?))?;
         use image::AnimationDecoder;
         assert_eq!(decoder.into_frames().count(), 5);
 
@@ -325,18 +269,12 @@ mod tests {
 
         let st = dir.path().join("clip.safetensors");
         write_video(&st, &frames, 8.0)?;
-        let back =
-            super::super::tensors::read_tensor(&st, "frames", Some(&[5, 3, 32, 48]), &Device::Cpu)?;
+        let back = super::super::tensors::read_tensor(&st, "frames", Some(&[5, 3, 32, 48]), &Device::Cpu)?;
         assert_eq!((back - &frames)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
         // Nothing but the outputs: no temporary files left behind.
-        let mut names: Vec<_> = std::fs::read_dir(dir.path())?
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())?.map(|e| e.unwrap().file_name()).collect();
         names.sort();
-        assert_eq!(
-            names,
-            ["clip.gif", "clip.mp4", "clip.safetensors", "frames"]
-        );
+        assert_eq!(names, ["clip.gif", "clip.mp4", "clip.safetensors", "frames"]);
         Ok(())
     }
 }

@@ -54,8 +54,8 @@ fn relative_bucket(relative: i64, num_buckets: usize, max_distance: usize) -> us
         bucket += distance;
     } else {
         // In f32 as transformers computes it, truncated towards zero.
-        let ratio = (distance as f32 / max_exact as f32).ln()
-            / (max_distance as f64 / max_exact as f64).ln() as f32;
+        let ratio =
+            (distance as f32 / max_exact as f32).ln() / (max_distance as f64 / max_exact as f64).ln() as f32;
         let large = max_exact + (ratio * (half - max_exact) as f32) as i64;
         bucket += large.min(half - 1);
     }
@@ -91,17 +91,9 @@ impl Umt5EncoderModel {
                 config.feed_forward_proj
             );
         }
-        let (d, inner, eps) = (
-            config.d_model,
-            config.num_heads * config.d_kv,
-            config.layer_norm_epsilon,
-        );
+        let (d, inner, eps) = (config.d_model, config.num_heads * config.d_kv, config.layer_norm_epsilon);
         // transformers ties `encoder.embed_tokens` to `shared` and saves only the latter.
-        let embed_name = if vb.contains_tensor("shared.weight") {
-            "shared"
-        } else {
-            "encoder.embed_tokens"
-        };
+        let embed_name = if vb.contains_tensor("shared.weight") { "shared" } else { "encoder.embed_tokens" };
         let embed = candle_nn::embedding(config.vocab_size, d, vb.pp(embed_name))?;
         let enc = vb.pp("encoder");
         let layers = (0..config.num_layers)
@@ -127,12 +119,7 @@ impl Umt5EncoderModel {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Self {
-            final_norm: RmsNorm::new(d, eps, enc.pp("final_layer_norm"))?,
-            embed,
-            layers,
-            config,
-        })
+        Ok(Self { final_norm: RmsNorm::new(d, eps, enc.pp("final_layer_norm"))?, embed, layers, config })
     }
 
     fn bucket_ids(&self, len: usize, device: &Device) -> Result<Tensor> {
@@ -164,23 +151,14 @@ impl Umt5EncoderModel {
             .reshape((b, 1, 1, s))?;
         let mut h = self.embed.forward(input_ids)?; // (B, S, d)
         for layer in &self.layers {
-            let position_bias = layer
-                .relative_bias
-                .forward(&buckets)?
-                .permute((2, 0, 1))?
-                .unsqueeze(0)?; // (1, H, S, S)
+            let position_bias = layer.relative_bias.forward(&buckets)?.permute((2, 0, 1))?.unsqueeze(0)?; // (1, H, S, S)
             let bias = position_bias.broadcast_add(&mask_bias)?; // (B, H, S, S)
             let x = layer.attn_norm.forward(&h)?;
-            let split = |t: Tensor| {
-                t.reshape((b, s, heads, d_kv))
-                    .and_then(|t| t.transpose(1, 2))
-            }; // (B, H, S, d_kv)
+            let split = |t: Tensor| t.reshape((b, s, heads, d_kv)).and_then(|t| t.transpose(1, 2)); // (B, H, S, d_kv)
             let q = split(apply(&layer.q, &x)?)?;
             let k = split(apply(&layer.k, &x)?)?;
             let v = split(apply(&layer.v, &x)?)?;
-            let attn = sdpa(&q, &k, &v, 1.0, Some(&bias))?
-                .transpose(1, 2)?
-                .reshape((b, s, heads * d_kv))?;
+            let attn = sdpa(&q, &k, &v, 1.0, Some(&bias))?.transpose(1, 2)?.reshape((b, s, heads * d_kv))?;
             h = (h + apply(&layer.o, &attn)?)?;
             let x = layer.ff_norm.forward(&h)?;
             let gated = (apply(&layer.wi_0, &x)?.gelu()? * apply(&layer.wi_1, &x)?)?;
@@ -197,14 +175,9 @@ impl Umt5EncoderModel {
 
 /// Zeroes the rows past each sequence's real length, as the Wan pipelines pad prompt embeddings.
 pub fn zero_padding(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-    let mask = attention_mask
-        .to_dtype(hidden.dtype())?
-        .unsqueeze(D::Minus1)?; // (B, S, 1)
+    let mask = attention_mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?; // (B, S, 1)
     let zeros = hidden.zeros_like()?;
-    Ok(mask
-        .broadcast_as(hidden.shape())?
-        .ne(0f32)?
-        .where_cond(hidden, &zeros)?)
+    Ok(mask.broadcast_as(hidden.shape())?.ne(0f32)?.where_cond(hidden, &zeros)?)
 }
 
 #[cfg(test)]

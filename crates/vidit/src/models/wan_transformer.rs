@@ -87,12 +87,7 @@ pub struct WanRotaryPosEmbed {
 }
 
 impl WanRotaryPosEmbed {
-    pub fn new(
-        head_dim: usize,
-        patch_size: [usize; 3],
-        max_seq_len: usize,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn new(head_dim: usize, patch_size: [usize; 3], max_seq_len: usize, device: &Device) -> Result<Self> {
         let hw = 2 * (head_dim / 6);
         let parts = [head_dim - 2 * hw, hw, hw];
         let tables = parts
@@ -120,33 +115,18 @@ impl WanRotaryPosEmbed {
 
     /// (cos, sin) per token for a latent grid `(F, H, W)`: each `(L, head_dim/2)`, tokens in (f, h, w) order.
     pub fn forward(&self, frames: usize, height: usize, width: usize) -> Result<(Tensor, Tensor)> {
-        let grid = [
-            frames / self.patch_size[0],
-            height / self.patch_size[1],
-            width / self.patch_size[2],
-        ];
+        let grid = [frames / self.patch_size[0], height / self.patch_size[1], width / self.patch_size[2]];
         let mut cos_parts = Vec::new();
         let mut sin_parts = Vec::new();
         for (axis, (cos, sin)) in self.tables.iter().enumerate() {
             if grid[axis] > cos.dim(0)? {
-                bail!(
-                    "latent grid {grid:?} exceeds rope_max_seq_len {}",
-                    cos.dim(0)?
-                );
+                bail!("latent grid {grid:?} exceeds rope_max_seq_len {}", cos.dim(0)?);
             }
             let mut shape = [1usize, 1, 1, cos.dim(1)?];
             shape[axis] = grid[axis];
             let target = (grid[0], grid[1], grid[2], cos.dim(1)?);
-            cos_parts.push(
-                cos.narrow(0, 0, grid[axis])?
-                    .reshape(&shape[..])?
-                    .broadcast_as(target)?,
-            );
-            sin_parts.push(
-                sin.narrow(0, 0, grid[axis])?
-                    .reshape(&shape[..])?
-                    .broadcast_as(target)?,
-            );
+            cos_parts.push(cos.narrow(0, 0, grid[axis])?.reshape(&shape[..])?.broadcast_as(target)?);
+            sin_parts.push(sin.narrow(0, 0, grid[axis])?.reshape(&shape[..])?.broadcast_as(target)?);
         }
         let tokens = grid[0] * grid[1] * grid[2];
         let cos = Tensor::cat(&cos_parts, D::Minus1)?.reshape((tokens, ()))?;
@@ -193,11 +173,7 @@ impl WanAttention {
     }
 
     /// Projects the keys and values of a context `(B, S, dim)` into `(B, H, S, D)`.
-    pub fn key_values(
-        &self,
-        context: &Tensor,
-        rope: Option<&(Tensor, Tensor)>,
-    ) -> Result<(Tensor, Tensor)> {
+    pub fn key_values(&self, context: &Tensor, rope: Option<&(Tensor, Tensor)>) -> Result<(Tensor, Tensor)> {
         let k = self.norm_k.forward(&apply(&self.to_k, context)?)?;
         let v = apply(&self.to_v, context)?;
         let mut k = self.split_heads(&k)?; // (B, S, H, D)
@@ -226,13 +202,7 @@ impl WanAttention {
             q = apply_rope(&q, cos, sin)?;
         }
         let head_dim = dim / self.heads;
-        let out = sdpa(
-            &q.transpose(1, 2)?,
-            &kv.0,
-            &kv.1,
-            1.0 / (head_dim as f64).sqrt(),
-            None,
-        )?; // (B, H, L, D)
+        let out = sdpa(&q.transpose(1, 2)?, &kv.0, &kv.1, 1.0 / (head_dim as f64).sqrt(), None)?; // (B, H, L, D)
         let out = out.transpose(1, 2)?.reshape((b, l, dim))?;
         apply(&self.to_out, &out)
     }
@@ -299,9 +269,7 @@ impl WanTransformerBlock {
         // 1. Self-attention on the modulated norm, gated residual.
         let normed = self.norm1.forward(x)?; // (B, L, dim)
         Trace::record(trace, "norm1", &normed);
-        let h = normed
-            .broadcast_mul(&(scale + 1.0)?)?
-            .broadcast_add(&shift)?;
+        let h = normed.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
         let self_kv = self.attn1.key_values(&h, Some(rope))?;
         let attn = self.attn1.forward(&h, &self_kv, Some(rope))?;
         Trace::record(trace, "attn1", &attn);
@@ -320,9 +288,7 @@ impl WanTransformerBlock {
         // 3. Feed-forward (GELU, tanh approximation) on the modulated norm, gated residual.
         let normed = self.norm3.forward(&x)?;
         Trace::record(trace, "norm3", &normed);
-        let h = normed
-            .broadcast_mul(&(c_scale + 1.0)?)?
-            .broadcast_add(&c_shift)?;
+        let h = normed.broadcast_mul(&(c_scale + 1.0)?)?.broadcast_add(&c_shift)?;
         let ff = apply(&self.ffn_out, &apply(&self.ffn_in, &h)?.gelu()?)?;
         Trace::record(trace, "ffn", &ff);
         Ok((x + ff.broadcast_mul(&c_gate)?)?)
@@ -370,10 +336,7 @@ impl WanTransformer3DModel {
         config.validate()?;
         let dim = config.inner_dim();
         let [pt, ph, pw] = config.patch_size;
-        let patch_weight = vb.get(
-            (dim, config.in_channels, pt, ph, pw),
-            "patch_embedding.weight",
-        )?;
+        let patch_weight = vb.get((dim, config.in_channels, pt, ph, pw), "patch_embedding.weight")?;
         let patch_bias = vb.get(dim, "patch_embedding.bias")?;
         let ce = vb.pp("condition_embedder");
         let blocks = (0..config.num_layers)
@@ -406,14 +369,9 @@ impl WanTransformer3DModel {
     fn timestep_features(&self, t: &Tensor) -> Result<Tensor> {
         let half = self.config.freq_dim / 2;
         let exponent = -(10000f64.ln() as f32);
-        let freqs: Vec<f32> = (0..half)
-            .map(|j| (exponent * j as f32 / half as f32).exp())
-            .collect();
+        let freqs: Vec<f32> = (0..half).map(|j| (exponent * j as f32 / half as f32).exp()).collect();
         let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
-        let args = t
-            .to_dtype(DType::F32)?
-            .unsqueeze(D::Minus1)?
-            .broadcast_mul(&freqs)?; // (N, half)
+        let args = t.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?.broadcast_mul(&freqs)?; // (N, half)
         Ok(Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?)
     }
 
@@ -423,30 +381,17 @@ impl WanTransformer3DModel {
         self.text_context_traced(encoder_hidden_states, &mut None)
     }
 
-    fn text_context_traced(
-        &self,
-        text: &Tensor,
-        trace: &mut Option<&mut Trace>,
-    ) -> Result<TextContext> {
+    fn text_context_traced(&self, text: &Tensor, trace: &mut Option<&mut Trace>) -> Result<TextContext> {
         let h = apply(&self.text_linear_1, text)?.gelu()?;
         let h = apply(&self.text_linear_2, &h)?; // (B, S, dim)
         Trace::record(trace, "condition_embedder.2", &h);
-        let kv = self
-            .blocks
-            .iter()
-            .map(|b| b.attn2.key_values(&h, None))
-            .collect::<Result<_>>()?;
+        let kv = self.blocks.iter().map(|b| b.attn2.key_values(&h, None)).collect::<Result<_>>()?;
         Ok(TextContext { kv })
     }
 
     /// Predicts the flow velocity for latents `(B, C, F, H, W)` at `timestep` (`(B,)`, or `(B, L)`
     /// per token) given the text context.
-    pub fn forward(
-        &self,
-        latents: &Tensor,
-        timestep: &Tensor,
-        text: &TextContext,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, latents: &Tensor, timestep: &Tensor, text: &TextContext) -> Result<Tensor> {
         self.forward_traced(latents, timestep, text, &mut None)
     }
 
@@ -490,23 +435,14 @@ impl WanTransformer3DModel {
             .reshape(&[b, c, gf, pt, gh, ph, gw, pw][..])?
             .permute(&[0usize, 2, 4, 6, 1, 3, 5, 7][..])? // (B, F', H', W', C, pt, ph, pw)
             .reshape((b, tokens, c * pt * ph * pw))?;
-        let x = patches
-            .broadcast_matmul(&self.patch_weight)?
-            .broadcast_add(&self.patch_bias)?; // (B, L, dim)
+        let x = patches.broadcast_matmul(&self.patch_weight)?.broadcast_add(&self.patch_bias)?; // (B, L, dim)
         Trace::record(trace, "patch_embedding", &x);
 
         // Timestep embedding: (B, S, dim) with S = 1 (one timestep per sample) or L (per token).
-        let timestep = if timestep.rank() == 1 {
-            timestep.unsqueeze(1)?
-        } else {
-            timestep.clone()
-        };
+        let timestep = if timestep.rank() == 1 { timestep.unsqueeze(1)? } else { timestep.clone() };
         let s = timestep.dim(1)?;
         let features = self.timestep_features(&timestep.flatten_all()?)?; // (B·S, freq_dim)
-        let temb = apply(
-            &self.time_linear_2,
-            &apply(&self.time_linear_1, &features)?.silu()?,
-        )?; // (B·S, dim)
+        let temb = apply(&self.time_linear_2, &apply(&self.time_linear_1, &features)?.silu()?)?; // (B·S, dim)
         let timestep_proj = apply(&self.time_proj, &temb.silu()?)?; // (B·S, 6·dim)
         Trace::record(trace, "condition_embedder.0", &temb);
         Trace::record(trace, "condition_embedder.1", &timestep_proj);
@@ -517,11 +453,7 @@ impl WanTransformer3DModel {
         for (i, block) in self.blocks.iter().enumerate() {
             let mut inner = Trace::default();
             let record_inner = trace.is_some();
-            let traced = if record_inner {
-                &mut Some(&mut inner)
-            } else {
-                &mut None
-            };
+            let traced = if record_inner { &mut Some(&mut inner) } else { &mut None };
             x = block.forward_traced(&x, &timestep_proj, &text.kv[i], &rope, traced)?;
             if let Some(trace) = trace {
                 for (name, t) in inner.tensors {
@@ -532,16 +464,12 @@ impl WanTransformer3DModel {
         }
 
         // Output head, modulated by temb (not the 6-way projection).
-        let modulation = temb
-            .unsqueeze(2)?
-            .broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?; // (B, S, 2, dim)
+        let modulation = temb.unsqueeze(2)?.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?; // (B, S, 2, dim)
         let shift = modulation.narrow(2, 0, 1)?.squeeze(2)?;
         let scale = modulation.narrow(2, 1, 1)?.squeeze(2)?;
         let normed = self.norm_out.forward(&x)?;
         Trace::record(trace, "norm_out", &normed);
-        let x = normed
-            .broadcast_mul(&(scale + 1.0)?)?
-            .broadcast_add(&shift)?;
+        let x = normed.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
         let x = apply(&self.proj_out, &x)?; // (B, L, C_out·pt·ph·pw)
         Trace::record(trace, "proj_out", &x);
 

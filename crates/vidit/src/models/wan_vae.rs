@@ -47,12 +47,12 @@ impl Default for WanVaeConfig {
             temperal_downsample: vec![false, true, true],
             dropout: 0.0,
             latents_mean: vec![
-                -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134,
-                -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+                -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+                -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
             ],
             latents_std: vec![
-                2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526,
-                2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+                2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
+                1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
             ],
             is_residual: false,
             in_channels: 3,
@@ -73,10 +73,7 @@ impl WanVaeConfig {
             bail!("key `temperal_downsample` must have one entry fewer than `dim_mult`");
         }
         if self.latents_mean.len() != self.z_dim || self.latents_std.len() != self.z_dim {
-            bail!(
-                "keys `latents_mean` and `latents_std` must have z_dim ({}) entries",
-                self.z_dim
-            );
+            bail!("keys `latents_mean` and `latents_std` must have z_dim ({}) entries", self.z_dim);
         }
         Ok(())
     }
@@ -154,14 +151,9 @@ struct RmsNormChannels {
 impl RmsNormChannels {
     /// `rank` is the rank of the input (5 for video, 4 for per-frame images): gamma is `(C, 1, …)`.
     fn new(dim: usize, rank: usize, vb: VarBuilder) -> Result<Self> {
-        let shape: Vec<usize> = std::iter::once(dim)
-            .chain(std::iter::repeat_n(1, rank - 2))
-            .collect();
+        let shape: Vec<usize> = std::iter::once(dim).chain(std::iter::repeat_n(1, rank - 2)).collect();
         let gamma = vb.get(shape, "gamma")?.unsqueeze(0)?;
-        Ok(Self {
-            gamma,
-            scale: (dim as f64).sqrt(),
-        })
+        Ok(Self { gamma, scale: (dim as f64).sqrt() })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -180,11 +172,7 @@ fn conv2d(
     stride: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
+    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
     Ok(candle_nn::conv2d(in_c, out_c, k, cfg, vb)?)
 }
 
@@ -194,9 +182,7 @@ fn per_frame(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor
     let frames = x.permute((0, 2, 1, 3, 4))?.reshape((b * t, c, h, w))?; // (B·T, C, H, W)
     let y = f(&frames)?;
     let (_, c2, h2, w2) = y.dims4()?;
-    Ok(y.reshape((b, t, c2, h2, w2))?
-        .permute((0, 2, 1, 3, 4))?
-        .contiguous()?)
+    Ok(y.reshape((b, t, c2, h2, w2))?.permute((0, 2, 1, 3, 4))?.contiguous()?)
 }
 
 struct ResidualBlock {
@@ -215,14 +201,7 @@ impl ResidualBlock {
             norm2: RmsNormChannels::new(out_dim, 5, vb.pp("norm2"))?,
             conv2: CausalConv3d::new(out_dim, out_dim, (3, 3, 3), 1, (1, 1, 1), vb.pp("conv2"))?,
             shortcut: if in_dim != out_dim {
-                Some(CausalConv3d::new(
-                    in_dim,
-                    out_dim,
-                    (1, 1, 1),
-                    1,
-                    (0, 0, 0),
-                    vb.pp("conv_shortcut"),
-                )?)
+                Some(CausalConv3d::new(in_dim, out_dim, (1, 1, 1), 1, (0, 0, 0), vb.pp("conv_shortcut"))?)
             } else {
                 None
             },
@@ -313,14 +292,7 @@ impl Resample {
     fn upsample(dim: usize, temporal: bool, vb: VarBuilder) -> Result<Self> {
         let conv = conv2d(dim, dim / 2, 3, 1, 1, vb.pp("resample.1"))?;
         let mode = if temporal {
-            ResampleMode::Up3d(CausalConv3d::new(
-                dim,
-                dim * 2,
-                (3, 1, 1),
-                1,
-                (1, 0, 0),
-                vb.pp("time_conv"),
-            )?)
+            ResampleMode::Up3d(CausalConv3d::new(dim, dim * 2, (3, 1, 1), 1, (1, 0, 0), vb.pp("time_conv"))?)
         } else {
             ResampleMode::Up2d
         };
@@ -330,14 +302,7 @@ impl Resample {
     fn downsample(dim: usize, temporal: bool, vb: VarBuilder) -> Result<Self> {
         let conv = conv2d(dim, dim, 3, 0, 2, vb.pp("resample.1"))?;
         let mode = if temporal {
-            ResampleMode::Down3d(CausalConv3d::new(
-                dim,
-                dim,
-                (3, 1, 1),
-                2,
-                (0, 0, 0),
-                vb.pp("time_conv"),
-            )?)
+            ResampleMode::Down3d(CausalConv3d::new(dim, dim, (3, 1, 1), 2, (0, 0, 0), vb.pp("time_conv"))?)
         } else {
             ResampleMode::Down2d
         };
@@ -359,10 +324,13 @@ impl Resample {
                     let y = time_conv.forward(&x, cache.frames(idx))?; // (B, 2C, T, H, W)
                     cache.slots[idx] = Slot::Frames(tail);
                     // The two channel halves are frames 2t and 2t + 1.
-                    x = y
-                        .reshape((b, 2, c, t, h, w))?
-                        .permute((0, 2, 3, 1, 4, 5))?
-                        .reshape((b, c, t * 2, h, w))?;
+                    x = y.reshape((b, 2, c, t, h, w))?.permute((0, 2, 3, 1, 4, 5))?.reshape((
+                        b,
+                        c,
+                        t * 2,
+                        h,
+                        w,
+                    ))?;
                 }
             }
         }
@@ -373,9 +341,9 @@ impl Resample {
                     frames.upsample_nearest2d(h * 2, w * 2)?
                 }
                 // ZeroPad2d((0, 1, 0, 1)): one column on the right, one row at the bottom.
-                ResampleMode::Down2d | ResampleMode::Down3d(_) => frames
-                    .pad_with_zeros(D::Minus1, 0, 1)?
-                    .pad_with_zeros(D::Minus2, 0, 1)?,
+                ResampleMode::Down2d | ResampleMode::Down3d(_) => {
+                    frames.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?
+                }
             };
             Ok(self.conv.forward(&frames)?)
         })?;
@@ -412,18 +380,9 @@ struct Encoder {
 
 impl Encoder {
     fn new(cfg: &WanVaeConfig, vb: VarBuilder) -> Result<Self> {
-        let dims: Vec<usize> = std::iter::once(1)
-            .chain(cfg.dim_mult.iter().copied())
-            .map(|m| m * cfg.base_dim)
-            .collect();
-        let conv_in = CausalConv3d::new(
-            cfg.in_channels,
-            dims[0],
-            (3, 3, 3),
-            1,
-            (1, 1, 1),
-            vb.pp("conv_in"),
-        )?;
+        let dims: Vec<usize> =
+            std::iter::once(1).chain(cfg.dim_mult.iter().copied()).map(|m| m * cfg.base_dim).collect();
+        let conv_in = CausalConv3d::new(cfg.in_channels, dims[0], (3, 3, 3), 1, (1, 1, 1), vb.pp("conv_in"))?;
         let mut layers = Vec::new();
         let mut scale = 1.0;
         let blocks = vb.pp("down_blocks");
@@ -459,14 +418,7 @@ impl Encoder {
             layers,
             mid: MidBlock::new(top, vb.pp("mid_block"))?,
             norm_out: RmsNormChannels::new(top, 5, vb.pp("norm_out"))?,
-            conv_out: CausalConv3d::new(
-                top,
-                cfg.z_dim * 2,
-                (3, 3, 3),
-                1,
-                (1, 1, 1),
-                vb.pp("conv_out"),
-            )?,
+            conv_out: CausalConv3d::new(top, cfg.z_dim * 2, (3, 3, 3), 1, (1, 1, 1), vb.pp("conv_out"))?,
         })
     }
 
@@ -502,10 +454,8 @@ impl Decoder {
     fn new(cfg: &WanVaeConfig, vb: VarBuilder) -> Result<Self> {
         let base = cfg.decoder_base_dim.unwrap_or(cfg.base_dim);
         let top_mult = *cfg.dim_mult.last().expect("validated");
-        let dims: Vec<usize> = std::iter::once(top_mult)
-            .chain(cfg.dim_mult.iter().rev().copied())
-            .map(|m| m * base)
-            .collect();
+        let dims: Vec<usize> =
+            std::iter::once(top_mult).chain(cfg.dim_mult.iter().rev().copied()).map(|m| m * base).collect();
         let temporal_up: Vec<bool> = cfg.temperal_downsample.iter().rev().copied().collect();
         let mut up_blocks = Vec::new();
         for i in 0..cfg.dim_mult.len() {
@@ -523,11 +473,7 @@ impl Decoder {
                 })
                 .collect::<Result<_>>()?;
             let upsampler = if i != cfg.dim_mult.len() - 1 {
-                Some(Resample::upsample(
-                    out_dim,
-                    temporal_up[i],
-                    vb_block.pp("upsamplers.0"),
-                )?)
+                Some(Resample::upsample(out_dim, temporal_up[i], vb_block.pp("upsamplers.0"))?)
             } else {
                 None
             };
@@ -535,25 +481,11 @@ impl Decoder {
         }
         let out = *dims.last().expect("dims has entries");
         Ok(Self {
-            conv_in: CausalConv3d::new(
-                cfg.z_dim,
-                dims[0],
-                (3, 3, 3),
-                1,
-                (1, 1, 1),
-                vb.pp("conv_in"),
-            )?,
+            conv_in: CausalConv3d::new(cfg.z_dim, dims[0], (3, 3, 3), 1, (1, 1, 1), vb.pp("conv_in"))?,
             mid: MidBlock::new(dims[0], vb.pp("mid_block"))?,
             up_blocks,
             norm_out: RmsNormChannels::new(out, 5, vb.pp("norm_out"))?,
-            conv_out: CausalConv3d::new(
-                out,
-                cfg.out_channels,
-                (3, 3, 3),
-                1,
-                (1, 1, 1),
-                vb.pp("conv_out"),
-            )?,
+            conv_out: CausalConv3d::new(out, cfg.out_channels, (3, 3, 3), 1, (1, 1, 1), vb.pp("conv_out"))?,
         })
     }
 
@@ -593,22 +525,8 @@ impl AutoencoderKLWan {
         let z = config.z_dim;
         Ok(Self {
             encoder: Encoder::new(&config, vb.pp("encoder"))?,
-            quant_conv: CausalConv3d::new(
-                z * 2,
-                z * 2,
-                (1, 1, 1),
-                1,
-                (0, 0, 0),
-                vb.pp("quant_conv"),
-            )?,
-            post_quant_conv: CausalConv3d::new(
-                z,
-                z,
-                (1, 1, 1),
-                1,
-                (0, 0, 0),
-                vb.pp("post_quant_conv"),
-            )?,
+            quant_conv: CausalConv3d::new(z * 2, z * 2, (1, 1, 1), 1, (0, 0, 0), vb.pp("quant_conv"))?,
+            post_quant_conv: CausalConv3d::new(z, z, (1, 1, 1), 1, (0, 0, 0), vb.pp("post_quant_conv"))?,
             decoder: Decoder::new(&config, vb.pp("decoder"))?,
             config,
         })
@@ -622,22 +540,13 @@ impl AutoencoderKLWan {
         let mut chunks = Vec::new();
         for i in 0..1 + (frames - 1) / 4 {
             cache.cursor = 0;
-            let (start, len) = if i == 0 {
-                (0, 1)
-            } else {
-                (1 + 4 * (i - 1), 4.min(frames - 1 - 4 * (i - 1)))
-            };
-            chunks.push(
-                self.encoder
-                    .forward(&video.narrow(2, start, len)?, &mut cache)?,
-            );
+            let (start, len) =
+                if i == 0 { (0, 1) } else { (1 + 4 * (i - 1), 4.min(frames - 1 - 4 * (i - 1))) };
+            chunks.push(self.encoder.forward(&video.narrow(2, start, len)?, &mut cache)?);
         }
         let h = self.quant_conv.forward(&Tensor::cat(&chunks, 2)?, None)?; // (B, 2z, T', h, w)
         let z = self.config.z_dim;
-        Ok(Posterior {
-            mean: h.narrow(1, 0, z)?,
-            logvar: h.narrow(1, z, z)?.clamp(-30f32, 20f32)?,
-        })
+        Ok(Posterior { mean: h.narrow(1, 0, z)?, logvar: h.narrow(1, z, z)?.clamp(-30f32, 20f32)? })
     }
 
     /// Decodes latents `(B, z, T', h, w)` one latent frame at a time, handing each chunk of pixels
@@ -669,11 +578,7 @@ impl AutoencoderKLWan {
 
     fn channel_stats(&self, values: &[f64], like: &Tensor) -> Result<Tensor> {
         let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
-        Ok(Tensor::from_vec(
-            v,
-            (1, self.config.z_dim, 1, 1, 1),
-            like.device(),
-        )?)
+        Ok(Tensor::from_vec(v, (1, self.config.z_dim, 1, 1, 1), like.device())?)
     }
 
     /// Latent normalisation as the Wan pipelines apply it: (z − mean) · (1/std).

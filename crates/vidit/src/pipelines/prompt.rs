@@ -24,33 +24,17 @@ pub struct PromptEncoder {
 
 impl PromptEncoder {
     pub fn new(tokenizer_json: &Path, model: Umt5EncoderModel) -> Result<Self> {
-        let tokenizer = Tokenizer::from_file(tokenizer_json).map_err(|e| {
-            input_error(format!(
-                "{}: cannot load tokenizer: {e}",
-                tokenizer_json.display()
-            ))
-        })?;
+        let tokenizer = Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| input_error(format!("{}: cannot load tokenizer: {e}", tokenizer_json.display())))?;
         let pad_id = tokenizer.token_to_id("<pad>").unwrap_or(0);
-        Ok(Self {
-            tokenizer,
-            pad_id,
-            model,
-        })
+        Ok(Self { tokenizer, pad_id, model })
     }
 
     /// Token ids and attention mask, each `(B, max_len)`.
-    pub fn tokenize(
-        &self,
-        prompts: &[String],
-        max_len: usize,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor)> {
+    pub fn tokenize(&self, prompts: &[String], max_len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
         let mut tokenizer = self.tokenizer.clone();
         tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: max_len,
-                ..Default::default()
-            }))
+            .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
             .map_err(|e| anyhow::anyhow!("tokenizer truncation: {e}"))?;
         tokenizer.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::Fixed(max_len),
@@ -69,10 +53,7 @@ impl PromptEncoder {
             mask.extend_from_slice(encoding.get_attention_mask());
         }
         let shape = (prompts.len(), max_len);
-        Ok((
-            Tensor::from_vec(ids, shape, device)?,
-            Tensor::from_vec(mask, shape, device)?,
-        ))
+        Ok((Tensor::from_vec(ids, shape, device)?, Tensor::from_vec(mask, shape, device)?))
     }
 
     /// Zero-padded prompt embeddings `(B, max_len, d_model)`.
@@ -90,10 +71,7 @@ impl PromptEncoder {
         clean_prompt(prompt)
             .split(' ')
             .filter(|word| {
-                self.tokenizer
-                    .encode(*word, false)
-                    .map(|e| e.get_ids().contains(&unk))
-                    .unwrap_or(false)
+                self.tokenizer.encode(*word, false).map(|e| e.get_ids().contains(&unk)).unwrap_or(false)
             })
             .map(String::from)
             .collect()
@@ -110,9 +88,6 @@ mod tests {
 
     #[test]
     fn cleans_like_diffusers() {
-        assert_eq!(
-            clean_prompt("  a  cat\n\tdancing &amp;amp; more  "),
-            "a cat dancing & more"
-        );
+        assert_eq!(clean_prompt("  a  cat\n\tdancing &amp;amp; more  "), "a cat dancing & more");
     }
 }

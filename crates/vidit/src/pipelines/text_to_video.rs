@@ -58,28 +58,19 @@ impl TextToVideo {
         if cfg {
             prompts.push(self.negative_prompt.clone());
         }
-        let embeds = model
-            .text
-            .encode(&prompts, self.max_sequence_length, device)?; // (1 or 2, S, d)
+        let embeds = model.text.encode(&prompts, self.max_sequence_length, device)?; // (1 or 2, S, d)
         let context = model.transformer.text_context(&embeds)?;
 
         let mut latents = match &self.init_latents {
             Some(l) if l.dims() == shape => l.to_device(device)?,
-            Some(l) => bail!(
-                "initial latents have shape {:?}, expected {shape:?}",
-                l.dims()
-            ),
+            Some(l) => bail!("initial latents have shape {:?}, expected {shape:?}", l.dims()),
             None => crate::noise::randn(self.seed, &shape, device)?,
         };
         scheduler.set_timesteps(self.num_inference_steps)?;
         let timesteps = scheduler.timesteps().to_vec();
         let batch = prompts.len();
         for (i, &t) in timesteps.iter().enumerate() {
-            let input = if cfg {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
+            let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let timestep = Tensor::new(vec![t; batch], device)?;
             let velocity = model.transformer.forward(&input, &timestep, &context)?;
             let velocity = if cfg {
@@ -94,14 +85,8 @@ impl TextToVideo {
         }
 
         let pixels = model.vae.decode(&model.vae.denormalize(&latents)?)?; // (1, 3, F, H, W) in [−1, 1]
-        let frames = (pixels * 0.5)?
-            .affine(1.0, 0.5)?
-            .clamp(0f32, 1f32)?
-            .squeeze(0)?
-            .permute((1, 0, 2, 3))?;
-        Ok(TextToVideoOutput {
-            latents,
-            frames: frames.contiguous()?,
-        })
+        let frames =
+            (pixels * 0.5)?.affine(1.0, 0.5)?.clamp(0f32, 1f32)?.squeeze(0)?.permute((1, 0, 2, 3))?;
+        Ok(TextToVideoOutput { latents, frames: frames.contiguous()? })
     }
 }

@@ -48,10 +48,7 @@ impl WanConfigs {
         let text_dir = folder.component("text_encoder")?;
         let tokenizer_json = folder.component("tokenizer")?.join("tokenizer.json");
         if !tokenizer_json.is_file() {
-            return Err(input_error(format!(
-                "{}: file missing",
-                tokenizer_json.display()
-            )));
+            return Err(input_error(format!("{}: file missing", tokenizer_json.display())));
         }
         let scheduler_config = folder.component("scheduler")?.join("scheduler_config.json");
         let transformer: WanTransformerConfig = load_config(&transformer_dir.join("config.json"))?;
@@ -72,32 +69,17 @@ impl WanConfigs {
             MappedWeights::open(&crate::model_folder::weight_files(dir)?)?;
         }
         crate::schedulers::from_config_file(&scheduler_config, None, None)?;
-        Ok(Self {
-            folder,
-            transformer,
-            vae,
-            text_encoder,
-            tokenizer_json,
-            scheduler_config,
-        })
+        Ok(Self { folder, transformer, vae, text_encoder, tokenizer_json, scheduler_config })
     }
 }
 
 impl WanModel {
     pub fn load(configs: WanConfigs, device: &Device) -> Result<Self> {
-        let WanConfigs {
-            folder,
-            transformer,
-            vae,
-            text_encoder,
-            tokenizer_json,
-            scheduler_config,
-        } = configs;
+        let WanConfigs { folder, transformer, vae, text_encoder, tokenizer_json, scheduler_config } = configs;
         let dir = folder.component("text_encoder")?;
         let model = in_component(
             &dir,
-            MappedWeights::var_builder(&dir, device)
-                .and_then(|vb| Umt5EncoderModel::new(text_encoder, vb)),
+            MappedWeights::var_builder(&dir, device).and_then(|vb| Umt5EncoderModel::new(text_encoder, vb)),
         )?;
         let text = PromptEncoder::new(&tokenizer_json, model)?;
         let dir = folder.component("transformer")?;
@@ -111,14 +93,7 @@ impl WanModel {
             &dir,
             MappedWeights::var_builder(&dir, device).and_then(|vb| AutoencoderKLWan::new(vae, vb)),
         )?;
-        Ok(Self {
-            folder,
-            text,
-            transformer,
-            vae,
-            scheduler_config,
-            device: device.clone(),
-        })
+        Ok(Self { folder, text, transformer, vae, scheduler_config, device: device.clone() })
     }
 
     /// Reads and loads a model folder.

@@ -66,13 +66,7 @@ impl FlowMatchEulerDiscreteScheduler {
         // In f32 as torch does it, with the Python scalars rounded to f32 first.
         let sigma = 1.0 / n; // the last training timestep, 1/N
         let sigma_min = config.shift as f32 * sigma / (1.0 + (config.shift - 1.0) as f32 * sigma);
-        Ok(Self {
-            config,
-            sigma_min,
-            timesteps: vec![],
-            sigmas: vec![],
-            step_index: 0,
-        })
+        Ok(Self { config, sigma_min, timesteps: vec![], sigmas: vec![], step_index: 0 })
     }
 }
 
@@ -87,10 +81,7 @@ impl Scheduler for FlowMatchEulerDiscreteScheduler {
             .into_iter()
             .map(|t| shift_sigma(self.config.shift, t / n) as f32)
             .collect();
-        self.timesteps = sigmas
-            .iter()
-            .map(|s| s * self.config.num_train_timesteps as f32)
-            .collect();
+        self.timesteps = sigmas.iter().map(|s| s * self.config.num_train_timesteps as f32).collect();
         self.sigmas = sigmas;
         self.sigmas.push(0.0);
         self.step_index = 0;

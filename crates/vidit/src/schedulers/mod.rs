@@ -39,10 +39,7 @@ pub fn from_config_file(
     shift: Option<f64>,
 ) -> Result<Box<dyn Scheduler>> {
     let value: serde_json::Value = crate::model_folder::read_json(path)?;
-    let class = value
-        .get("_class_name")
-        .and_then(|v| v.as_str())
-        .unwrap_or("UniPCMultistepScheduler");
+    let class = value.get("_class_name").and_then(|v| v.as_str()).unwrap_or("UniPCMultistepScheduler");
     let kind = match (kind, class) {
         (Some(kind), _) => kind,
         (None, "UniPCMultistepScheduler") => SchedulerKind::UniPc,
@@ -55,10 +52,7 @@ pub fn from_config_file(
         }
     };
     // A UniPC config read as Euler keeps its shift, which UniPC calls `flow_shift`.
-    let file_shift = value
-        .get("shift")
-        .or_else(|| value.get("flow_shift"))
-        .and_then(|v| v.as_f64());
+    let file_shift = value.get("shift").or_else(|| value.get("flow_shift")).and_then(|v| v.as_f64());
     let shift = shift.or(file_shift);
     Ok(match kind {
         SchedulerKind::UniPc => {

@@ -79,15 +79,14 @@ fn lambda(sigma: f32) -> f32 {
 fn solve(mut a: Vec<Vec<f32>>, mut b: Vec<f32>) -> Vec<f32> {
     let n = b.len();
     for col in 0..n {
-        let pivot = (col..n)
-            .max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))
-            .unwrap_or(col);
+        let pivot = (col..n).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs())).unwrap_or(col);
         a.swap(col, pivot);
         b.swap(col, pivot);
         for row in col + 1..n {
             let factor = a[row][col] / a[col][col];
-            for k in col..n {
-                a[row][k] -= factor * a[col][k];
+            let pivot_row = a[col].clone();
+            for (x, p) in a[row].iter_mut().zip(&pivot_row).skip(col) {
+                *x -= factor * p;
             }
             b[row] -= factor * b[col];
         }
@@ -120,19 +119,13 @@ impl UniPcMultistepScheduler {
             (config.use_beta_sigmas, "use_beta_sigmas"),
             (config.use_dynamic_shifting, "use_dynamic_shifting"),
             (config.shift_terminal.is_some(), "shift_terminal"),
-            (
-                config.solver_p.as_ref().is_some_and(|v| !v.is_null()),
-                "solver_p",
-            ),
+            (config.solver_p.as_ref().is_some_and(|v| !v.is_null()), "solver_p"),
         ];
         if let Some((_, key)) = unsupported.iter().find(|(on, _)| *on) {
             bail!("UniPCMultistepScheduler option `{key}` is not supported");
         }
         if !matches!(config.solver_type.as_str(), "bh1" | "bh2") {
-            bail!(
-                "UniPCMultistepScheduler: solver_type `{}` is not one of bh1, bh2",
-                config.solver_type
-            );
+            bail!("UniPCMultistepScheduler: solver_type `{}` is not one of bh1, bh2", config.solver_type);
         }
         if !matches!(config.final_sigmas_type.as_str(), "zero" | "sigma_min") {
             bail!(
@@ -158,11 +151,7 @@ impl UniPcMultistepScheduler {
     fn coefficients(&self, h: f32, order: usize) -> Coefficients {
         let hh = -h; // x0 prediction
         let h_phi_1 = hh.exp_m1();
-        let b_h = if self.config.solver_type == "bh1" {
-            hh
-        } else {
-            hh.exp_m1()
-        };
+        let b_h = if self.config.solver_type == "bh1" { hh } else { hh.exp_m1() };
         let mut h_phi_k = h_phi_1 / hh - 1.0;
         let mut factorial = 1f32;
         let mut rhs = Vec::with_capacity(order);
@@ -204,9 +193,7 @@ impl UniPcMultistepScheduler {
     }
 
     fn vandermonde(rks: &[f32], size: usize) -> Vec<Vec<f32>> {
-        (0..size)
-            .map(|i| rks.iter().take(size).map(|r| r.powi(i as i32)).collect())
-            .collect()
+        (0..size).map(|i| rks.iter().take(size).map(|r| r.powi(i as i32)).collect()).collect()
     }
 
     /// UniP: from `sample` at step i to step i + 1.
@@ -227,22 +214,14 @@ impl UniPcMultistepScheduler {
         let rhos = if order == 2 {
             vec![0.5]
         } else {
-            solve(
-                Self::vandermonde(&rks, order - 1),
-                c.rhs[..order - 1].to_vec(),
-            )
+            solve(Self::vandermonde(&rks, order - 1), c.rhs[..order - 1].to_vec())
         };
         let res = Self::weighted(&rhos, &d1s)?.expect("order > 1 has history");
         Ok((x_t - res.affine((alpha_t * c.b_h) as f64, 0.0)?)?)
     }
 
     /// UniC: corrects `this_sample` (the predictor's result at step i) using the new model output.
-    fn correct(
-        &self,
-        this_model_output: &Tensor,
-        last_sample: &Tensor,
-        order: usize,
-    ) -> Result<Tensor> {
+    fn correct(&self, this_model_output: &Tensor, last_sample: &Tensor, order: usize) -> Result<Tensor> {
         let i = self.step_index;
         let (sigma_t, sigma_s0) = (self.sigmas[i], self.sigmas[i - 1]);
         let alpha_t = 1.0 - sigma_t;
@@ -250,11 +229,7 @@ impl UniPcMultistepScheduler {
         let (mut rks, d1s) = self.history(i - 1, order, h)?;
         rks.push(1.0);
         let c = self.coefficients(h, order);
-        let rhos = if order == 1 {
-            vec![0.5]
-        } else {
-            solve(Self::vandermonde(&rks, order), c.rhs.clone())
-        };
+        let rhos = if order == 1 { vec![0.5] } else { solve(Self::vandermonde(&rks, order), c.rhs.clone()) };
         let m0 = &self.model_outputs[self.model_outputs.len() - 1];
         let x_t = (last_sample.affine((sigma_t / sigma_s0) as f64, 0.0)?
             - m0.affine((alpha_t * c.h_phi_1) as f64, 0.0)?)?;
@@ -275,8 +250,7 @@ impl Scheduler for UniPcMultistepScheduler {
         }
         let n = self.config.num_train_timesteps as f64;
         // In f64 as numpy does; σ[0] is nudged below 1 so that ln(1 − σ) stays finite.
-        let mut sigmas: Vec<f64> = linspace(1.0, 1.0 / n, num_inference_steps + 1)
-            [..num_inference_steps]
+        let mut sigmas: Vec<f64> = linspace(1.0, 1.0 / n, num_inference_steps + 1)[..num_inference_steps]
             .iter()
             .map(|&s| shift_sigma(self.config.flow_shift, s))
             .collect();
@@ -285,11 +259,7 @@ impl Scheduler for UniPcMultistepScheduler {
         }
         // Timesteps are cast to int64 (truncation) and reach the model as those integers.
         self.timesteps = sigmas.iter().map(|s| (s * n) as i64 as f32).collect();
-        let last = if self.config.final_sigmas_type == "zero" {
-            0.0
-        } else {
-            sigmas[sigmas.len() - 1]
-        };
+        let last = if self.config.final_sigmas_type == "zero" { 0.0 } else { sigmas[sigmas.len() - 1] };
         self.sigmas = sigmas.iter().map(|&s| s as f32).collect();
         self.sigmas.push(last as f32);
         self.step_index = 0;

@@ -5,13 +5,7 @@ use candle_core::{Tensor, D};
 
 /// softmax(q·kᵀ·scale + bias) · v over `(B, H, L, D)` tensors. `bias` is added to the scores
 /// (broadcast to `(B, H, Lq, Lk)`); use large negative values to mask keys.
-pub fn sdpa(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    bias: Option<&Tensor>,
-) -> Result<Tensor> {
+pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
     let q = q.contiguous()?;
     let kt = k.transpose(D::Minus2, D::Minus1)?.contiguous()?;
     let mut scores = q.matmul(&kt)?; // (B, H, Lq, Lk)

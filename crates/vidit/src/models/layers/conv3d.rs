@@ -34,15 +34,7 @@ impl CausalConv3d {
         let weight = vb.get((out_channels, in_channels, kt, kh, kw), "weight")?;
         let weight = weight.reshape((out_channels, in_channels * kt, kh, kw))?;
         let bias = vb.get(out_channels, "bias")?;
-        Ok(Self {
-            weight,
-            bias,
-            kt,
-            stride_t,
-            pad_t: 2 * padding.0,
-            pad_h: padding.1,
-            pad_w: padding.2,
-        })
+        Ok(Self { weight, bias, kt, stride_t, pad_t: 2 * padding.0, pad_h: padding.1, pad_w: padding.2 })
     }
 
     /// `cache` holds the last frames of the previous chunk's input; they replace front padding.
@@ -58,10 +50,7 @@ impl CausalConv3d {
         }
         let (b, c, t, h, w) = x.dims5()?;
         if t < self.kt {
-            bail!(
-                "causal conv3d: {t} frames are fewer than the kernel's {}",
-                self.kt
-            );
+            bail!("causal conv3d: {t} frames are fewer than the kernel's {}", self.kt);
         }
         let t_out = (t - self.kt) / self.stride_t + 1;
         // Gather the kt frame taps of every output frame: (B, C, kt, T_out, H, W).
@@ -70,17 +59,12 @@ impl CausalConv3d {
                 if self.stride_t == 1 {
                     x.narrow(2, k, t_out)
                 } else {
-                    let idx: Vec<u32> =
-                        (0..t_out).map(|i| (i * self.stride_t + k) as u32).collect();
+                    let idx: Vec<u32> = (0..t_out).map(|i| (i * self.stride_t + k) as u32).collect();
                     x.index_select(&Tensor::new(idx, x.device())?, 2)
                 }
             })
             .collect::<candle_core::Result<_>>()?;
-        let stacked = if self.kt == 1 {
-            taps[0].unsqueeze(2)?
-        } else {
-            Tensor::stack(&taps, 2)?
-        };
+        let stacked = if self.kt == 1 { taps[0].unsqueeze(2)? } else { Tensor::stack(&taps, 2)? };
         let frames = stacked
             .permute((0, 3, 1, 2, 4, 5))? // (B, T_out, C, kt, H, W)
             .reshape((b * t_out, c * self.kt, h, w))?;
@@ -94,9 +78,8 @@ impl CausalConv3d {
         };
         let (_, o, ho, wo) = frames.dims4()?;
         let y = frames.broadcast_add(&self.bias.reshape((1, o, 1, 1))?)?;
-        Ok(y.reshape((b, t_out, o, ho, wo))?
-            .permute((0, 2, 1, 3, 4))?
-            .contiguous()?) // (B, O, T_out, H', W')
+        Ok(y.reshape((b, t_out, o, ho, wo))?.permute((0, 2, 1, 3, 4))?.contiguous()?)
+        // (B, O, T_out, H', W')
     }
 }
 
@@ -134,16 +117,12 @@ mod tests {
                                         let ti = (to * stride_t + a) as isize - 2 * pad[0] as isize;
                                         let yi = (yo + bb) as isize - pad[1] as isize;
                                         let xi = (xo + cc) as isize - pad[2] as isize;
-                                        if ti < 0
-                                            || yi < 0
-                                            || xi < 0
-                                            || yi >= h as isize
-                                            || xi >= wi as isize
+                                        if ti < 0 || yi < 0 || xi < 0 || yi >= h as isize || xi >= wi as isize
                                         {
                                             continue;
                                         }
-                                        let xv = x[((ic * t + ti as usize) * h + yi as usize) * wi
-                                            + xi as usize];
+                                        let xv =
+                                            x[((ic * t + ti as usize) * h + yi as usize) * wi + xi as usize];
                                         let wv = w[(((oc * c + ic) * kt + a) * kh + bb) * kw + cc];
                                         acc += xv * wv;
                                     }
@@ -158,21 +137,14 @@ mod tests {
         out
     }
 
-    fn check(
-        kernel: (usize, usize, usize),
-        stride_t: usize,
-        pad: (usize, usize, usize),
-    ) -> Result<()> {
+    fn check(kernel: (usize, usize, usize), stride_t: usize, pad: (usize, usize, usize)) -> Result<()> {
         let dev = Device::Cpu;
         let (c, o, t, h, w) = (3, 4, 5, 6, 7);
         let x = crate::noise::randn(1, &[1, c, t, h, w], &dev)?;
         let weight = crate::noise::randn(2, &[o, c, kernel.0, kernel.1, kernel.2], &dev)?;
         let bias = crate::noise::randn(3, &[o], &dev)?;
         let vb = VarBuilder::from_tensors(
-            HashMap::from([
-                ("weight".to_string(), weight.clone()),
-                ("bias".to_string(), bias.clone()),
-            ]),
+            HashMap::from([("weight".to_string(), weight.clone()), ("bias".to_string(), bias.clone())]),
             DType::F32,
             &dev,
         );
@@ -189,11 +161,7 @@ mod tests {
         );
         let got = y.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(got.len(), expected.len());
-        let err = got
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let err = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(err < 1e-4, "max error {err}");
         Ok(())
     }
@@ -212,10 +180,7 @@ mod tests {
         let dev = Device::Cpu;
         let vb = VarBuilder::from_tensors(
             HashMap::from([
-                (
-                    "weight".to_string(),
-                    crate::noise::randn(4, &[2, 2, 3, 3, 3], &dev)?,
-                ),
+                ("weight".to_string(), crate::noise::randn(4, &[2, 2, 3, 3, 3], &dev)?),
                 ("bias".to_string(), crate::noise::randn(5, &[2], &dev)?),
             ]),
             DType::F32,

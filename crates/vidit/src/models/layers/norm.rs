@@ -17,10 +17,7 @@ impl LayerNorm {
     pub fn affine(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get(dim, "weight")?;
         let bias = vb.get(dim, "bias")?;
-        Ok(Self {
-            affine: Some((weight, bias)),
-            eps,
-        })
+        Ok(Self { affine: Some((weight, bias)), eps })
     }
 
     /// Without parameters (`elementwise_affine=False`).
@@ -50,10 +47,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            eps,
-        })
+        Ok(Self { weight: vb.get(dim, "weight")?, eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
