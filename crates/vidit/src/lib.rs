@@ -14,5 +14,6 @@ pub mod models;
 pub mod noise;
 pub mod pipelines;
 pub mod schedulers;
+pub mod train;
 
 pub use error::InputError;

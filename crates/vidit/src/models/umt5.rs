@@ -93,7 +93,12 @@ impl Umt5EncoderModel {
         }
         let (d, inner, eps) = (config.d_model, config.num_heads * config.d_kv, config.layer_norm_epsilon);
         // transformers ties `encoder.embed_tokens` to `shared` and saves only the latter.
-        let embed_name = if vb.contains_tensor("shared.weight") { "shared" } else { "encoder.embed_tokens" };
+        let embed_name =
+            if !vb.contains_tensor("shared.weight") && vb.contains_tensor("encoder.embed_tokens.weight") {
+                "encoder.embed_tokens"
+            } else {
+                "shared"
+            };
         let embed = candle_nn::embedding(config.vocab_size, d, vb.pp(embed_name))?;
         let enc = vb.pp("encoder");
         let layers = (0..config.num_layers)

@@ -78,6 +78,11 @@ impl WanTransformerConfig {
     }
 }
 
+/// adaLN tables start as randn / √dim, as diffusers initialises them.
+fn modulation_init(dim: usize) -> candle_nn::Init {
+    candle_nn::Init::Randn { mean: 0.0, stdev: 1.0 / (dim as f64).sqrt() }
+}
+
 /// 3-D rotary position embedding: the head dimension is split into time/height/width parts
 /// (h = w = 2⌊d/6⌋, t = the rest), each a 1-D table over integer positions, built in f64.
 pub struct WanRotaryPosEmbed {
@@ -236,7 +241,7 @@ impl WanTransformerBlock {
             norm3: LayerNorm::plain(cfg.eps),
             ffn_in: linear(dim, cfg.ffn_dim, vb.pp("ffn.net.0.proj"))?,
             ffn_out: linear(cfg.ffn_dim, dim, vb.pp("ffn.net.2"))?,
-            scale_shift_table: vb.get((1, 6, dim), "scale_shift_table")?,
+            scale_shift_table: vb.get_with_hints((1, 6, dim), "scale_shift_table", modulation_init(dim))?,
         })
     }
 
@@ -336,8 +341,12 @@ impl WanTransformer3DModel {
         config.validate()?;
         let dim = config.inner_dim();
         let [pt, ph, pw] = config.patch_size;
-        let patch_weight = vb.get((dim, config.in_channels, pt, ph, pw), "patch_embedding.weight")?;
-        let patch_bias = vb.get(dim, "patch_embedding.bias")?;
+        let patch_weight = vb.get_with_hints(
+            (dim, config.in_channels, pt, ph, pw),
+            "patch_embedding.weight",
+            candle_nn::init::DEFAULT_KAIMING_UNIFORM,
+        )?;
+        let patch_bias = vb.get_with_hints(dim, "patch_embedding.bias", candle_nn::init::ZERO)?;
         let ce = vb.pp("condition_embedder");
         let blocks = (0..config.num_layers)
             .map(|i| WanTransformerBlock::new(&config, vb.pp("blocks").pp(i)))
@@ -354,7 +363,7 @@ impl WanTransformer3DModel {
             blocks,
             norm_out: LayerNorm::plain(config.eps),
             proj_out: linear(dim, out_dim, vb.pp("proj_out"))?,
-            scale_shift_table: vb.get((1, 2, dim), "scale_shift_table")?,
+            scale_shift_table: vb.get_with_hints((1, 2, dim), "scale_shift_table", modulation_init(dim))?,
             rope: WanRotaryPosEmbed::new(
                 config.attention_head_dim,
                 config.patch_size,

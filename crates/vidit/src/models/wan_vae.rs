@@ -152,7 +152,7 @@ impl RmsNormChannels {
     /// `rank` is the rank of the input (5 for video, 4 for per-frame images): gamma is `(C, 1, …)`.
     fn new(dim: usize, rank: usize, vb: VarBuilder) -> Result<Self> {
         let shape: Vec<usize> = std::iter::once(dim).chain(std::iter::repeat_n(1, rank - 2)).collect();
-        let gamma = vb.get(shape, "gamma")?.unsqueeze(0)?;
+        let gamma = vb.get_with_hints(shape, "gamma", candle_nn::Init::Const(1.0))?.unsqueeze(0)?;
         Ok(Self { gamma, scale: (dim as f64).sqrt() })
     }
 

@@ -15,6 +15,11 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor
     if let Some(bias) = bias {
         scores = scores.broadcast_add(bias)?;
     }
-    let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+    // The fused softmax has no backward: when gradients are tracked, use the composed one.
+    let weights = if scores.track_op() {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
     Ok(weights.matmul(&v.contiguous()?)?)
 }

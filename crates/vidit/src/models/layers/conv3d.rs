@@ -5,6 +5,7 @@
 
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
+use candle_nn::init::{DEFAULT_KAIMING_UNIFORM, ZERO};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
@@ -31,9 +32,10 @@ impl CausalConv3d {
         vb: VarBuilder,
     ) -> Result<Self> {
         let (kt, kh, kw) = kernel;
-        let weight = vb.get((out_channels, in_channels, kt, kh, kw), "weight")?;
+        let weight =
+            vb.get_with_hints((out_channels, in_channels, kt, kh, kw), "weight", DEFAULT_KAIMING_UNIFORM)?;
         let weight = weight.reshape((out_channels, in_channels * kt, kh, kw))?;
-        let bias = vb.get(out_channels, "bias")?;
+        let bias = vb.get_with_hints(out_channels, "bias", ZERO)?;
         Ok(Self { weight, bias, kt, stride_t, pad_t: 2 * padding.0, pad_h: padding.1, pad_w: padding.2 })
     }
 

@@ -3,7 +3,11 @@
 
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
-use candle_nn::VarBuilder;
+use candle_nn::init::ZERO;
+use candle_nn::{Init, VarBuilder};
+
+/// Norm gains start at one when a model is built for training (checkpoint loading ignores it).
+const ONE: Init = Init::Const(1.0);
 
 /// LayerNorm over the last dimension, optionally affine (`weight`, `bias`).
 #[derive(Debug, Clone)]
@@ -15,8 +19,8 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// With `weight` and `bias` loaded from `vb`.
     pub fn affine(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get(dim, "weight")?;
-        let bias = vb.get(dim, "bias")?;
+        let weight = vb.get_with_hints(dim, "weight", ONE)?;
+        let bias = vb.get_with_hints(dim, "bias", ZERO)?;
         Ok(Self { affine: Some((weight, bias)), eps })
     }
 
@@ -47,7 +51,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get(dim, "weight")?, eps })
+        Ok(Self { weight: vb.get_with_hints(dim, "weight", ONE)?, eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

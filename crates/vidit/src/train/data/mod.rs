@@ -1,0 +1,3 @@
+//! Training data: (clip, caption) pairs.
+
+pub mod shapes;
