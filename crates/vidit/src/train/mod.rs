@@ -1,4 +1,6 @@
-//! Training: datasets, the optimiser and EMA; objectives and the trainer build on them.
+//! Training: objectives, the optimiser and EMA, the training loop with checkpoints, and datasets.
 
 pub mod data;
+pub mod objective;
 pub mod optim;
+pub mod trainer;

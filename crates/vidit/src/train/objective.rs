@@ -1,0 +1,192 @@
+//! Diffusion training objectives over clean latents `(B, C, T, h, w)`, with per-latent-frame
+//! conditioning: conditioned frames stay clean, carry timestep 0 (per-token timesteps, as Wan2.2's
+//! TI2V) and are left out of the loss, so one model learns text-to-video, image-to-video,
+//! keyframe interpolation and extension.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Objective {
+    /// Rectified flow: x_σ = (1 − σ)·x0 + σ·ε, target v = ε − x0, σ logit-normal then shifted.
+    FlowMatching { shift: f64 },
+    /// DDPM ε-prediction with the linear β schedule (1e-4 … 0.02 over 1000 steps).
+    Ddpm,
+}
+
+/// Which latent frames of a clip are given (clean) rather than generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameCondition {
+    None,
+    First,
+    FirstAndLast,
+    FirstK(usize),
+}
+
+impl FrameCondition {
+    /// A random condition: none half of the time, else first / first+last / first k frames.
+    pub fn sample(rng: &mut ChaCha8Rng, latent_frames: usize) -> Self {
+        let r: f64 = rng.random();
+        match r {
+            _ if r < 0.5 || latent_frames < 2 => Self::None,
+            _ if r < 0.75 => Self::First,
+            _ if r < 0.9 => Self::FirstAndLast,
+            _ => Self::FirstK(rng.random_range(1..latent_frames)),
+        }
+    }
+
+    /// 1 for a given frame, 0 for a generated one.
+    pub fn mask(&self, latent_frames: usize) -> Vec<f32> {
+        (0..latent_frames)
+            .map(|t| {
+                let given = match *self {
+                    Self::None => false,
+                    Self::First => t == 0,
+                    Self::FirstAndLast => t == 0 || t + 1 == latent_frames,
+                    Self::FirstK(k) => t < k,
+                };
+                if given {
+                    1.0
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+}
+
+/// Number of training timesteps of the DDPM schedule.
+pub const DDPM_STEPS: usize = 1000;
+
+/// ᾱ_t of the linear β schedule, t = 0 … 999.
+pub fn ddpm_alphas_cumprod() -> Vec<f64> {
+    let mut prod = 1.0;
+    (0..DDPM_STEPS)
+        .map(|i| {
+            let beta = 1e-4 + (0.02 - 1e-4) * i as f64 / (DDPM_STEPS - 1) as f64;
+            prod *= 1.0 - beta;
+            prod
+        })
+        .collect()
+}
+
+/// One noised batch: what the model sees and what it must predict.
+pub struct NoisedBatch {
+    pub inputs: Tensor,
+    /// Per-token timesteps `(B, L)`: 0 on conditioned frames.
+    pub timesteps: Tensor,
+    pub target: Tensor,
+    /// `(B, 1, T, 1, 1)`: 1 where the loss counts.
+    pub loss_mask: Tensor,
+}
+
+impl Objective {
+    /// Noises clean latents `x0 (B, C, T, h, w)`. `tokens_per_frame` is (h/ph)·(w/pw).
+    pub fn noise(
+        &self,
+        x0: &Tensor,
+        conditions: &[FrameCondition],
+        tokens_per_frame: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<NoisedBatch> {
+        let (b, _, t, _, _) = x0.dims5()?;
+        if conditions.len() != b {
+            bail!("one frame condition per sample");
+        }
+        let device = x0.device();
+        let noise = crate::noise::randn(rng.random(), x0.dims(), device)?;
+        let mut keep = Vec::with_capacity(b * t); // 1 on given frames
+        let mut coef_x0 = Vec::with_capacity(b);
+        let mut coef_noise = Vec::with_capacity(b);
+        let mut model_t = Vec::with_capacity(b);
+        for condition in conditions {
+            keep.extend(condition.mask(t));
+            match *self {
+                Objective::FlowMatching { shift } => {
+                    let n: f64 = rand_distr_normal(rng);
+                    let u = 1.0 / (1.0 + (-n).exp());
+                    let sigma = shift * u / (1.0 + (shift - 1.0) * u);
+                    coef_x0.push((1.0 - sigma) as f32);
+                    coef_noise.push(sigma as f32);
+                    model_t.push((sigma * 1000.0) as f32);
+                }
+                Objective::Ddpm => {
+                    let step = rng.random_range(0..DDPM_STEPS);
+                    let abar = ddpm_alphas_cumprod()[step];
+                    coef_x0.push(abar.sqrt() as f32);
+                    coef_noise.push((1.0 - abar).sqrt() as f32);
+                    model_t.push(step as f32);
+                }
+            }
+        }
+        let keep = Tensor::from_vec(keep, (b, 1, t, 1, 1), device)?;
+        let per_sample = |v: Vec<f32>| Tensor::from_vec(v, (b, 1, 1, 1, 1), device);
+        let (a, s) = (per_sample(coef_x0)?, per_sample(coef_noise)?);
+        let noised = (x0.broadcast_mul(&a)? + noise.broadcast_mul(&s)?)?;
+        // Given frames stay clean.
+        let inputs = (x0.broadcast_mul(&keep)? + noised.broadcast_mul(&keep.affine(-1.0, 1.0)?)?)?;
+        let target = match self {
+            Objective::FlowMatching { .. } => (&noise - x0)?,
+            Objective::Ddpm => noise,
+        };
+        // (B, T) frame timesteps → (B, T·tokens_per_frame).
+        let frame_t = Tensor::from_vec(model_t, (b, 1), device)?
+            .broadcast_mul(&keep.reshape((b, t))?.affine(-1.0, 1.0)?)?;
+        let timesteps = frame_t
+            .unsqueeze(2)?
+            .broadcast_as((b, t, tokens_per_frame))?
+            .reshape((b, t * tokens_per_frame))?;
+        Ok(NoisedBatch { inputs, timesteps, target, loss_mask: keep.affine(-1.0, 1.0)? })
+    }
+}
+
+/// A standard normal sample by Box–Muller (rand_distr is not needed for one number).
+fn rand_distr_normal(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = 1.0 - rng.random::<f64>();
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// Mean squared error over the positions where `mask` (broadcastable) is 1.
+pub fn masked_mse(prediction: &Tensor, target: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let diff = (prediction - target)?.sqr()?.broadcast_mul(mask)?;
+    let count = mask.broadcast_as(prediction.shape())?.sum_all()?.to_dtype(DType::F32)?;
+    let count = count.maximum(&Tensor::new(1f32, &Device::Cpu)?.to_device(prediction.device())?)?;
+    Ok(diff.sum_all()?.broadcast_div(&count)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn given_frames_stay_clean_with_timestep_zero() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let x0 = crate::noise::randn(1, &[2, 4, 3, 4, 4], &Device::Cpu)?;
+        for objective in [Objective::FlowMatching { shift: 3.0 }, Objective::Ddpm] {
+            let conditions = [FrameCondition::First, FrameCondition::None];
+            let batch = objective.noise(&x0, &conditions, 4, &mut rng)?;
+            let diff = (&batch.inputs - &x0)?.abs()?;
+            // Sample 0, frame 0 is given: unchanged; its other frames and all of sample 1 are noised.
+            assert_eq!(diff.get(0)?.narrow(1, 0, 1)?.max_all()?.to_scalar::<f32>()?, 0.0);
+            assert!(diff.get(0)?.narrow(1, 1, 2)?.max_all()?.to_scalar::<f32>()? > 0.0);
+            let t: Vec<Vec<f32>> = batch.timesteps.to_vec2()?;
+            assert_eq!(t[0][..4], [0.0; 4]);
+            assert!(t[0][4..].iter().all(|&v| v > 0.0 && v == t[0][4]));
+            assert!(t[1].iter().all(|&v| v == t[1][0]));
+            let mask: Vec<f32> = batch.loss_mask.flatten_all()?.to_vec1()?;
+            assert_eq!(mask, [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn condition_masks() {
+        assert_eq!(FrameCondition::FirstAndLast.mask(4), [1.0, 0.0, 0.0, 1.0]);
+        assert_eq!(FrameCondition::FirstK(2).mask(4), [1.0, 1.0, 0.0, 0.0]);
+        assert_eq!(FrameCondition::None.mask(2), [0.0, 0.0]);
+    }
+}
