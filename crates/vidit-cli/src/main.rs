@@ -1,6 +1,7 @@
 //! `vidit`: generate video from the command line.
 
 mod generate;
+mod train;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -16,12 +17,18 @@ struct Cli {
 enum Command {
     /// Generate a clip from a text prompt.
     Generate(Box<generate::GenerateArgs>),
+    /// Train the causal 3-D VAE on the built-in shapes dataset.
+    TrainVae(Box<train::TrainVaeArgs>),
+    /// Train the DiT and text encoder on a trained VAE's latents; writes a model folder.
+    Train(Box<train::TrainArgs>),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
+        Command::TrainVae(args) => train::run_vae(*args),
+        Command::Train(args) => train::run_dit(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,6 +14,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use memmap2::{Mmap, UncheckedAdvice};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -207,4 +208,28 @@ impl SimpleBackend for MappedWeights {
     fn contains_tensor(&self, name: &str) -> bool {
         self.routing.contains_key(name)
     }
+}
+
+/// Writes one component folder: `config.json` (with `_class_name`) and its weights, each atomically.
+pub fn save_component(
+    dir: &Path,
+    class_name: &str,
+    config: &impl Serialize,
+    weights_file: &str,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let mut json = serde_json::to_value(config)?;
+    if let Some(object) = json.as_object_mut() {
+        object.insert("_class_name".into(), class_name.into());
+    }
+    write_json(&dir.join("config.json"), &json)?;
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)?;
+    crate::io::atomic::write_file(&dir.join(weights_file), |tmp| Ok(std::fs::write(tmp, &bytes)?))
+}
+
+/// Writes pretty JSON atomically.
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    crate::io::atomic::write_file(path, |tmp| Ok(std::fs::write(tmp, text.as_bytes())?))
 }

@@ -8,10 +8,10 @@ use super::layers::{apply, linear_no_bias};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Embedding, Linear, Module, VarBuilder};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `text_encoder/config.json` (transformers' `UMT5Config`), with its defaults.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Umt5Config {
     pub vocab_size: usize,

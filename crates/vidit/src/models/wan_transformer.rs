@@ -9,10 +9,10 @@ use super::layers::{apply, linear};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `transformer/config.json`, with diffusers' defaults.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct WanTransformerConfig {
     pub patch_size: [usize; 3],

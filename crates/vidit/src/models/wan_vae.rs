@@ -8,13 +8,13 @@ use super::layers::conv3d::CausalConv3d;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, Module, VarBuilder};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// How many trailing frames each causal convolution keeps for the next chunk.
 const CACHE_T: usize = 2;
 
 /// `vae/config.json`, with diffusers' defaults (the Wan 2.1 VAE).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct WanVaeConfig {
     pub base_dim: usize,
@@ -551,25 +551,29 @@ impl AutoencoderKLWan {
 
     /// Decodes latents `(B, z, T', h, w)` one latent frame at a time, handing each chunk of pixels
     /// (`(B, 3, 1 or 4, H, W)`, clamped to [−1, 1]) to `sink` as soon as it is ready.
-    pub fn decode_streaming(
-        &self,
-        latents: &Tensor,
-        mut sink: impl FnMut(Tensor) -> Result<()>,
-    ) -> Result<()> {
+    pub fn decode_streaming(&self, latents: &Tensor, mut sink: impl FnMut(Tensor) -> Result<()>) -> Result<()> {
+        self.decode_chunks(latents, |chunk| sink(chunk.clamp(-1f32, 1f32)?))
+    }
+
+    fn decode_chunks(&self, latents: &Tensor, mut sink: impl FnMut(Tensor) -> Result<()>) -> Result<()> {
         let x = self.post_quant_conv.forward(latents, None)?;
         let mut cache = FeatureCache::default();
         for i in 0..x.dim(2)? {
             cache.cursor = 0;
-            let out = self.decoder.forward(&x.narrow(2, i, 1)?, &mut cache)?;
-            sink(out.clamp(-1f32, 1f32)?)?;
+            sink(self.decoder.forward(&x.narrow(2, i, 1)?, &mut cache)?)?;
         }
         Ok(())
     }
 
     /// Decodes latents to pixels `(B, 3, 1 + 4(T' − 1), H, W)` in [−1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.decode_unclamped(latents)?.clamp(-1f32, 1f32).map_err(Into::into)
+    }
+
+    /// [`Self::decode`] without the final clamp, whose zero gradient would stall training.
+    pub fn decode_unclamped(&self, latents: &Tensor) -> Result<Tensor> {
         let mut chunks = Vec::new();
-        self.decode_streaming(latents, |chunk| {
+        self.decode_chunks(latents, |chunk| {
             chunks.push(chunk);
             Ok(())
         })?;

@@ -16,9 +16,35 @@ pub fn clean_prompt(text: &str) -> String {
     twice.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Cleans and tokenizes prompts as diffusers does (EOS appended, truncated to `max_len` keeping
+/// the EOS, right-padded): token ids and attention mask, each `(B, max_len)`.
+pub fn tokenize_padded(tokenizer: &Tokenizer, prompts: &[String], max_len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let mut tokenizer = tokenizer.clone();
+    let pad_id = tokenizer.token_to_id("<pad>").unwrap_or(0);
+    tokenizer
+        .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
+        .map_err(|e| anyhow::anyhow!("tokenizer truncation: {e}"))?;
+    tokenizer.with_padding(Some(PaddingParams {
+        strategy: PaddingStrategy::Fixed(max_len),
+        direction: PaddingDirection::Right,
+        pad_id,
+        pad_token: "<pad>".into(),
+        ..Default::default()
+    }));
+    let mut ids = Vec::with_capacity(prompts.len() * max_len);
+    let mut mask = Vec::with_capacity(prompts.len() * max_len);
+    for prompt in prompts {
+        let encoding =
+            tokenizer.encode(clean_prompt(prompt), true).map_err(|e| anyhow::anyhow!("tokenizing {prompt:?}: {e}"))?;
+        ids.extend_from_slice(encoding.get_ids());
+        mask.extend_from_slice(encoding.get_attention_mask());
+    }
+    let shape = (prompts.len(), max_len);
+    Ok((Tensor::from_vec(ids, shape, device)?, Tensor::from_vec(mask, shape, device)?))
+}
+
 pub struct PromptEncoder {
     tokenizer: Tokenizer,
-    pad_id: u32,
     model: Umt5EncoderModel,
 }
 
@@ -26,34 +52,12 @@ impl PromptEncoder {
     pub fn new(tokenizer_json: &Path, model: Umt5EncoderModel) -> Result<Self> {
         let tokenizer = Tokenizer::from_file(tokenizer_json)
             .map_err(|e| input_error(format!("{}: cannot load tokenizer: {e}", tokenizer_json.display())))?;
-        let pad_id = tokenizer.token_to_id("<pad>").unwrap_or(0);
-        Ok(Self { tokenizer, pad_id, model })
+        Ok(Self { tokenizer, model })
     }
 
     /// Token ids and attention mask, each `(B, max_len)`.
     pub fn tokenize(&self, prompts: &[String], max_len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        let mut tokenizer = self.tokenizer.clone();
-        tokenizer
-            .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
-            .map_err(|e| anyhow::anyhow!("tokenizer truncation: {e}"))?;
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::Fixed(max_len),
-            direction: PaddingDirection::Right,
-            pad_id: self.pad_id,
-            pad_token: "<pad>".into(),
-            ..Default::default()
-        }));
-        let mut ids = Vec::with_capacity(prompts.len() * max_len);
-        let mut mask = Vec::with_capacity(prompts.len() * max_len);
-        for prompt in prompts {
-            let encoding = tokenizer
-                .encode(clean_prompt(prompt), true)
-                .map_err(|e| anyhow::anyhow!("tokenizing {prompt:?}: {e}"))?;
-            ids.extend_from_slice(encoding.get_ids());
-            mask.extend_from_slice(encoding.get_attention_mask());
-        }
-        let shape = (prompts.len(), max_len);
-        Ok((Tensor::from_vec(ids, shape, device)?, Tensor::from_vec(mask, shape, device)?))
+        tokenize_padded(&self.tokenizer, prompts, max_len, device)
     }
 
     /// Zero-padded prompt embeddings `(B, max_len, d_model)`.

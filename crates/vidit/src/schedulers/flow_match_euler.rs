@@ -3,10 +3,10 @@
 use super::{linspace, shift_sigma, Scheduler};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Mirrors diffusers' config keys and defaults; the options vidit does not implement are rejected.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct FlowMatchEulerConfig {
     pub num_train_timesteps: usize,

@@ -6,11 +6,11 @@
 use super::{linspace, shift_sigma, Scheduler};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Mirrors diffusers' config keys and defaults. vidit implements the flow-sigma, x0-prediction path
 /// that Wan uses; other options are rejected with the key's name.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct UniPcConfig {
     pub num_train_timesteps: usize,

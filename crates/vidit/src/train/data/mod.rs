@@ -1,3 +1,32 @@
 //! Training data: (clip, caption) pairs.
 
 pub mod shapes;
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use rand_chacha::ChaCha8Rng;
+
+/// Something clips can be drawn from, with the caller's RNG (so resumed runs draw the same ones).
+pub trait ClipSource {
+    /// A clip `(F, 3, H, W)` in [0, 1] and its caption.
+    fn sample(&self, rng: &mut ChaCha8Rng, device: &Device) -> Result<(Tensor, String)>;
+}
+
+impl ClipSource for shapes::ShapesDataset {
+    fn sample(&self, rng: &mut ChaCha8Rng, device: &Device) -> Result<(Tensor, String)> {
+        let (clip, combo) = shapes::ShapesDataset::sample(self, rng, device)?;
+        Ok((clip, combo.caption()))
+    }
+}
+
+/// Draws `n` clips and stacks them as VAE input `(n, 3, F, H, W)` in [−1, 1].
+pub fn batch(source: &dyn ClipSource, n: usize, rng: &mut ChaCha8Rng, device: &Device) -> Result<(Tensor, Vec<String>)> {
+    let mut clips = Vec::with_capacity(n);
+    let mut captions = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (clip, caption) = source.sample(rng, device)?;
+        clips.push(clip.permute((1, 0, 2, 3))?.affine(2.0, -1.0)?); // (3, F, H, W)
+        captions.push(caption);
+    }
+    Ok((Tensor::stack(&clips, 0)?, captions))
+}

@@ -1,0 +1,213 @@
+//! `vidit train-vae` and `vidit train`: train the built-in model's VAE, then its DiT and text
+//! encoder, on the built-in `shapes` dataset; the result is a model folder `vidit generate` runs.
+
+use anyhow::Result;
+use candle_core::Device;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use vidit::error::input_error;
+use vidit::model_folder::{load_config, MappedWeights};
+use vidit::models::wan_vae::{AutoencoderKLWan, WanVaeConfig};
+use vidit::train::builtin;
+use vidit::train::data::shapes::{ShapesDataset, Split};
+use vidit::train::dit::{train_dit, DitTraining, LatentPool};
+use vidit::train::objective::Objective;
+use vidit::train::optim::AdamWConfig;
+use vidit::train::trainer::{RunDir, StepReport, TrainOptions};
+use vidit::train::vae::{train_vae, VaeTraining};
+
+/// Options shared by both trainers.
+#[derive(Args)]
+pub struct CommonArgs {
+    /// Run folder: checkpoint.safetensors, train_log.csv and the trained weights go here.
+    #[arg(long)]
+    out: PathBuf,
+    /// Optimiser steps in total (a resumed run continues up to this count).
+    #[arg(long)]
+    steps: usize,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// AdamW learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Clip the global gradient norm to this value.
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    /// EMA decay of the weights written at the end (0.995 averages over ~200 steps).
+    #[arg(long, default_value_t = 0.995)]
+    ema_decay: f64,
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from the run folder's checkpoint.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl CommonArgs {
+    fn options(&self, lr: f64) -> Result<TrainOptions> {
+        if self.steps == 0 || self.checkpoint_every == 0 {
+            return Err(input_error("--steps and --checkpoint-every must be at least 1"));
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return Err(input_error("--ema-decay must be in [0, 1)"));
+        }
+        Ok(TrainOptions {
+            steps: self.steps,
+            adamw: AdamWConfig { lr: self.lr.unwrap_or(lr), weight_decay: self.weight_decay, ..Default::default() },
+            grad_clip: Some(self.grad_clip),
+            ema_decay: self.ema_decay,
+            checkpoint_every: self.checkpoint_every,
+            seed: self.seed,
+        })
+    }
+
+    fn run_dir(&self) -> Result<RunDir> {
+        std::fs::create_dir_all(&self.out)
+            .map_err(|e| input_error(format!("{}: cannot create the run folder: {e}", self.out.display())))?;
+        vidit::io::video::check_writable(&self.out.join("probe.safetensors"))?;
+        Ok(RunDir { root: self.out.clone() })
+    }
+
+    fn progress(&self) -> (ProgressBar, impl FnMut(&StepReport)) {
+        let bar = if self.quiet { ProgressBar::hidden() } else { ProgressBar::new(self.steps as u64) };
+        bar.set_style(
+            ProgressStyle::with_template("step {pos}/{len} loss {msg} [{bar:30}] {per_sec} ETA {eta}")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        let handle = bar.clone();
+        (bar, move |r: &StepReport| {
+            handle.set_position(r.step as u64);
+            handle.set_message(format!("{:.4}", r.loss));
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct TrainVaeArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Frames per training clip (1 + 4k: the causal VAE handles any length the same way).
+    #[arg(long, default_value_t = 5)]
+    frames: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    kl_weight: f64,
+    /// Train on crops of this size around the shape (0: full frames).
+    #[arg(long, default_value_t = 32)]
+    crop: usize,
+}
+
+pub fn run_vae(args: TrainVaeArgs) -> Result<()> {
+    let options = args.common.options(2e-3)?;
+    if args.frames % 4 != 1 {
+        return Err(input_error(format!("--frames {}: must be of the form 4k+1", args.frames)));
+    }
+    let run = args.common.run_dir()?;
+    let data = ShapesDataset::new(Split::Train, builtin::WIDTH, builtin::HEIGHT, args.frames)?;
+    let setup = VaeTraining {
+        config: builtin::vae_config(),
+        batch_size: args.common.batch_size.unwrap_or(8),
+        kl_weight: args.kl_weight,
+        crop: (args.crop > 0).then_some(args.crop),
+    };
+    let (bar, on_step) = args.common.progress();
+    let started = std::time::Instant::now();
+    let weights = train_vae(&setup, &data, &options, &run, args.common.resume, &Device::Cpu, on_step)?;
+    bar.finish_and_clear();
+    let dir = run.root.join("vae");
+    vidit::model_folder::save_component(
+        &dir,
+        "AutoencoderKLWan",
+        &setup.config,
+        "diffusion_pytorch_model.safetensors",
+        &weights,
+    )?;
+    if !args.common.quiet {
+        eprintln!("wrote {} ({:.0}s)", dir.display(), started.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The trained VAE component folder (from `vidit train-vae`: RUN/vae).
+    #[arg(long)]
+    vae: PathBuf,
+    /// Clips encoded once into the training pool of latents.
+    #[arg(long, default_value_t = 2048)]
+    pool: usize,
+    /// Flow shift of the timestep sampling (and of the sampler written with the model).
+    #[arg(long, default_value_t = 3.0)]
+    shift: f64,
+    /// Probability of an empty caption (classifier-free guidance).
+    #[arg(long, default_value_t = 0.1)]
+    caption_dropout: f64,
+}
+
+pub fn run_dit(args: TrainArgs) -> Result<()> {
+    let options = args.common.options(1e-3)?;
+    let run = args.common.run_dir()?;
+    let device = Device::Cpu;
+    let vae_config: WanVaeConfig = load_config(&args.vae.join("config.json"))?;
+    let vae = AutoencoderKLWan::new(vae_config.clone(), MappedWeights::var_builder(&args.vae, &device)?)
+        .map_err(|e| input_error(format!("{}: {e:#}", args.vae.display())))?;
+    let data = ShapesDataset::new(Split::Train, builtin::WIDTH, builtin::HEIGHT, builtin::FRAMES)?;
+    let words = builtin::shapes_vocabulary();
+    let tokenizer = builtin::word_tokenizer(&words)?;
+    let generation = builtin::GenerationConfig::default();
+    let setup = DitTraining {
+        transformer: builtin::transformer_config(vae_config.z_dim, 64),
+        text_encoder: builtin::text_encoder_config(tokenizer.get_vocab_size(true)),
+        objective: Objective::FlowMatching { shift: args.shift },
+        batch_size: args.common.batch_size.unwrap_or(32),
+        max_sequence_length: generation.max_sequence_length,
+        caption_dropout: args.caption_dropout,
+        pool_size: args.pool,
+        pool_seed: args.common.seed ^ 0x5eed,
+    };
+    let started = std::time::Instant::now();
+    if !args.common.quiet {
+        eprintln!("encoding {} clips into the latent pool", setup.pool_size);
+    }
+    let pool = LatentPool::encode(&vae, &data, setup.pool_size, setup.pool_seed, &device)?;
+    if !args.common.quiet {
+        eprintln!("pool ready ({:.0}s)", started.elapsed().as_secs_f64());
+    }
+    let (bar, on_step) = args.common.progress();
+    let weights = train_dit(&setup, &pool, &tokenizer, &options, &run, args.common.resume, &device, on_step)?;
+    bar.finish_and_clear();
+
+    let vae_weights = candle_core::safetensors::load(
+        vidit::model_folder::weight_files(&args.vae)?.first().expect("weight_files returns at least one"),
+        &device,
+    )?;
+    let vae_config = WanVaeConfig { latents_mean: pool.mean.clone(), latents_std: pool.std.clone(), ..vae_config };
+    let model_dir = run.root.join("model");
+    builtin::write_model_folder(
+        &model_dir,
+        &builtin::ModelParts {
+            vae: &vae_config,
+            vae_weights: &vae_weights,
+            transformer: &setup.transformer,
+            transformer_weights: &weights.transformer,
+            text_encoder: &setup.text_encoder,
+            text_encoder_weights: &weights.text_encoder,
+            tokenizer: &tokenizer,
+            scheduler: &builtin::scheduler_config(args.shift),
+            generation: &generation,
+        },
+    )?;
+    if !args.common.quiet {
+        eprintln!("wrote {} ({:.0}s)", model_dir.display(), started.elapsed().as_secs_f64());
+    }
+    Ok(())
+}

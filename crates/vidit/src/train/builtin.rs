@@ -1,0 +1,203 @@
+//! The recipe of vidit's built-in model: a small Wan-architecture model (causal 3-D VAE, DiT,
+//! UMT5 text encoder with a word-level tokenizer) trained on the `shapes` grammar, saved in the
+//! diffusers folder layout so it runs through the same code path as real Wan checkpoints.
+
+use crate::model_folder::{save_component, write_json};
+use crate::models::umt5::Umt5Config;
+use crate::models::wan_transformer::WanTransformerConfig;
+use crate::models::wan_vae::WanVaeConfig;
+use crate::schedulers::UniPcConfig;
+use anyhow::{anyhow, Result};
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use tokenizers::Tokenizer;
+
+/// Clip size of the built-in model.
+pub const WIDTH: usize = 64;
+pub const HEIGHT: usize = 64;
+pub const FRAMES: usize = 17;
+pub const FPS: f64 = 8.0;
+
+/// Generation defaults stored with a model (`generation_config.json`), used when a flag is absent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerationConfig {
+    pub height: usize,
+    pub width: usize,
+    pub num_frames: usize,
+    pub fps: f64,
+    pub num_inference_steps: usize,
+    pub guidance_scale: f64,
+    pub max_sequence_length: usize,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            height: HEIGHT,
+            width: WIDTH,
+            num_frames: FRAMES,
+            fps: FPS,
+            num_inference_steps: 20,
+            guidance_scale: 4.0,
+            max_sequence_length: 16,
+        }
+    }
+}
+
+pub fn vae_config() -> WanVaeConfig {
+    WanVaeConfig {
+        base_dim: 8,
+        z_dim: 8,
+        dim_mult: vec![1, 2, 2, 4],
+        num_res_blocks: 1,
+        temperal_downsample: vec![false, true, true],
+        latents_mean: vec![0.0; 8],
+        latents_std: vec![1.0; 8],
+        ..Default::default()
+    }
+}
+
+pub fn transformer_config(z_dim: usize, text_dim: usize) -> WanTransformerConfig {
+    WanTransformerConfig {
+        num_attention_heads: 4,
+        attention_head_dim: 32,
+        in_channels: z_dim,
+        out_channels: z_dim,
+        text_dim,
+        freq_dim: 64,
+        ffn_dim: 512,
+        num_layers: 4,
+        ..Default::default()
+    }
+}
+
+pub fn text_encoder_config(vocab_size: usize) -> Umt5Config {
+    Umt5Config { vocab_size, d_model: 64, d_kv: 16, d_ff: 128, num_layers: 2, num_heads: 4, ..Default::default() }
+}
+
+/// A word-level tokenizer over `words` (lower-cased, split on whitespace), with `<pad>` = 0,
+/// `</s>` = 1 appended to every sequence, and `<unk>` = 2, as T5 tokenizers number them.
+pub fn word_tokenizer(words: &[&str]) -> Result<Tokenizer> {
+    let specials = ["<pad>", "</s>", "<unk>"];
+    let mut vocab = serde_json::Map::new();
+    for (i, w) in specials.iter().chain(words).enumerate() {
+        vocab.entry(w.to_string()).or_insert(i.into());
+    }
+    let added: Vec<serde_json::Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(id, content)| {
+            serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}
+        },
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    Tokenizer::from_str(&json.to_string()).map_err(|e| anyhow!("building the word-level tokenizer: {e}"))
+}
+
+/// The words of the shapes grammar.
+pub fn shapes_vocabulary() -> Vec<&'static str> {
+    use super::data::shapes::{COLORS, DIRECTIONS, SHAPES};
+    let mut words = vec!["a", "moving"];
+    words.extend(COLORS.iter().map(|(n, _)| *n));
+    words.extend(SHAPES);
+    words.extend(DIRECTIONS.iter().map(|(n, _)| *n));
+    words
+}
+
+/// The scheduler a trained flow-matching model samples with.
+pub fn scheduler_config(shift: f64) -> UniPcConfig {
+    UniPcConfig { prediction_type: "flow_prediction".into(), use_flow_sigmas: true, flow_shift: shift, ..Default::default() }
+}
+
+/// Everything a model folder holds, ready to write.
+pub struct ModelParts<'a> {
+    pub vae: &'a WanVaeConfig,
+    pub vae_weights: &'a HashMap<String, Tensor>,
+    pub transformer: &'a WanTransformerConfig,
+    pub transformer_weights: &'a HashMap<String, Tensor>,
+    pub text_encoder: &'a Umt5Config,
+    pub text_encoder_weights: &'a HashMap<String, Tensor>,
+    pub tokenizer: &'a Tokenizer,
+    pub scheduler: &'a UniPcConfig,
+    pub generation: &'a GenerationConfig,
+}
+
+/// Writes a complete WanPipeline folder (diffusers layout) plus `generation_config.json`.
+pub fn write_model_folder(root: &Path, parts: &ModelParts) -> Result<()> {
+    save_component(&root.join("vae"), "AutoencoderKLWan", parts.vae, "diffusion_pytorch_model.safetensors", parts.vae_weights)?;
+    save_component(
+        &root.join("transformer"),
+        "WanTransformer3DModel",
+        parts.transformer,
+        "diffusion_pytorch_model.safetensors",
+        parts.transformer_weights,
+    )?;
+    save_component(
+        &root.join("text_encoder"),
+        "UMT5EncoderModel",
+        parts.text_encoder,
+        "model.safetensors",
+        parts.text_encoder_weights,
+    )?;
+    let tokenizer_dir = root.join("tokenizer");
+    std::fs::create_dir_all(&tokenizer_dir)?;
+    let tokenizer_path = tokenizer_dir.join("tokenizer.json");
+    crate::io::atomic::write_file(&tokenizer_path, |tmp| {
+        parts.tokenizer.save(tmp, true).map_err(|e| anyhow!("{}: {e}", tokenizer_path.display()))
+    })?;
+    let scheduler_dir = root.join("scheduler");
+    std::fs::create_dir_all(&scheduler_dir)?;
+    let mut scheduler = serde_json::to_value(parts.scheduler)?;
+    scheduler["_class_name"] = "UniPCMultistepScheduler".into();
+    write_json(&scheduler_dir.join("scheduler_config.json"), &scheduler)?;
+    write_json(&root.join("generation_config.json"), &serde_json::to_value(parts.generation)?)?;
+    write_json(
+        &root.join("model_index.json"),
+        &serde_json::json!({
+            "_class_name": "WanPipeline",
+            "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+            "text_encoder": ["transformers", "UMT5EncoderModel"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "transformer": ["diffusers", "WanTransformer3DModel"],
+            "vae": ["diffusers", "AutoencoderKLWan"],
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_tokenizer_appends_eos_and_flags_unknown_words() -> Result<()> {
+        let tok = word_tokenizer(&shapes_vocabulary())?;
+        let enc = tok.encode("a Red circle moving left", true).map_err(|e| anyhow!("{e}"))?;
+        let ids = enc.get_ids();
+        assert_eq!(ids.len(), 6);
+        assert_eq!(ids[5], 1, "EOS last");
+        assert_eq!(tok.token_to_id("red"), Some(ids[1]));
+        let unk = tok.encode("a purple circle", true).map_err(|e| anyhow!("{e}"))?;
+        assert_eq!(unk.get_ids()[1], 2, "unknown words map to <unk>");
+        Ok(())
+    }
+}

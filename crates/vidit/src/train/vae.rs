@@ -1,0 +1,83 @@
+//! Training the causal 3-D VAE: reconstruction (with extra weight on the foreground, which is
+//! small in synthetic clips) plus a small KL term.
+
+use super::data::{batch, ClipSource};
+use super::trainer::{train, RunDir, StepReport, TrainOptions};
+use crate::models::wan_vae::{AutoencoderKLWan, WanVaeConfig};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use rand::Rng;
+use std::collections::HashMap;
+
+pub struct VaeTraining {
+    pub config: WanVaeConfig,
+    pub batch_size: usize,
+    pub kl_weight: f64,
+    /// Train on square crops of this size around the content (the VAE is convolutional, so it
+    /// applies to full frames unchanged); `None` trains on full frames.
+    pub crop: Option<usize>,
+}
+
+/// Crops `(B, 3, F, H, W)` to `size`², each clip around the centroid of its bright pixels in the
+/// middle frame, jittered by up to a quarter of the crop.
+pub fn crop_around_content(video: &Tensor, size: usize, rng: &mut impl Rng) -> Result<Tensor> {
+    let (b, _, f, h, w) = video.dims5()?;
+    if size >= h.min(w) {
+        return Ok(video.clone());
+    }
+    let mut crops = Vec::with_capacity(b);
+    for i in 0..b {
+        let clip = video.get(i)?; // (3, F, H, W) in [−1, 1]
+        let frame = clip.narrow(1, f / 2, 1)?.squeeze(1)?.max(0)?.affine(0.5, 0.5)?; // (H, W) in [0, 1]
+        let total = frame.sum_all()?.to_scalar::<f32>()?.max(1e-6);
+        let ys = Tensor::arange(0f32, h as f32, video.device())?.reshape((h, 1))?;
+        let xs = Tensor::arange(0f32, w as f32, video.device())?.reshape((1, w))?;
+        let cy = frame.broadcast_mul(&ys)?.sum_all()?.to_scalar::<f32>()? / total;
+        let cx = frame.broadcast_mul(&xs)?.sum_all()?.to_scalar::<f32>()? / total;
+        let jitter = (size / 4) as f32;
+        let mut origin = |c: f32, extent: usize| -> usize {
+            let c = c + rng.random_range(-jitter..=jitter) - size as f32 / 2.0;
+            c.round().clamp(0.0, (extent - size) as f32) as usize
+        };
+        let (y0, x0) = (origin(cy, h), origin(cx, w));
+        crops.push(clip.narrow(2, y0, size)?.narrow(3, x0, size)?);
+    }
+    Ok(Tensor::stack(&crops, 0)?)
+}
+
+/// Reconstruction + KL loss of one batch `(B, 3, F, H, W)` in [−1, 1].
+pub fn vae_loss(vae: &AutoencoderKLWan, video: &Tensor, kl_weight: f64, seed: u64) -> Result<Tensor> {
+    let posterior = vae.encode(video)?;
+    let eps = crate::noise::randn(seed, posterior.mean.dims(), video.device())?;
+    let z = (&posterior.mean + (posterior.logvar.affine(0.5, 0.0)?.exp()? * eps)?)?;
+    let recon = vae.decode_unclamped(&z)?;
+    // Pixels of the foreground (brighter than black) count 5× more.
+    let weight = video.max_keepdim(1)?.affine(2.0, 3.0)?.clamp(1f32, 5f32)?; // (B, 1, F, H, W)
+    let rec = (recon - video)?.sqr()?.broadcast_mul(&weight)?.mean_all()?;
+    let (m, lv) = (&posterior.mean, &posterior.logvar);
+    let kl = ((m.sqr()? + lv.exp()? - lv)? - 1.0)?.affine(0.5, 0.0)?.mean_all()?;
+    Ok((rec + (kl * kl_weight)?)?)
+}
+
+/// Trains a VAE from scratch; returns its EMA weights, named as in the checkpoint.
+pub fn train_vae(
+    setup: &VaeTraining,
+    data: &dyn ClipSource,
+    options: &TrainOptions,
+    run: &RunDir,
+    resume: bool,
+    device: &Device,
+    on_step: impl FnMut(&StepReport),
+) -> Result<HashMap<String, Tensor>> {
+    let varmap = VarMap::new();
+    let vae = AutoencoderKLWan::new(setup.config.clone(), VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    let loss = |rng: &mut rand_chacha::ChaCha8Rng| -> Result<Tensor> {
+        let (mut video, _) = batch(data, setup.batch_size, rng, device)?;
+        if let Some(size) = setup.crop {
+            video = crop_around_content(&video, size, rng)?;
+        }
+        vae_loss(&vae, &video, setup.kl_weight, rng.random())
+    };
+    train(&varmap, options, run, resume, loss, on_step)
+}
