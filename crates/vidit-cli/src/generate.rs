@@ -32,24 +32,24 @@ pub struct GenerateArgs {
     /// What to steer away from (classifier-free guidance).
     #[arg(long, default_value = "")]
     negative_prompt: String,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    /// Classifier-free guidance scale; 1 or less turns guidance off.
-    #[arg(long, default_value_t = 5.0)]
-    guidance: f64,
-    /// Height in pixels (a multiple of the VAE and patch factors, 16 for Wan).
-    #[arg(long, default_value_t = 480)]
-    height: usize,
-    /// Width in pixels.
-    #[arg(long, default_value_t = 832)]
-    width: usize,
-    /// Frames; rounded down to the form 4k + 1 as diffusers does.
-    #[arg(long, default_value_t = 81)]
-    frames: usize,
-    /// Frame rate of the written clip.
-    #[arg(long, default_value_t = 16.0)]
-    fps: f64,
+    /// Denoising steps [model's generation_config.json, else 50].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale; 1 or less turns guidance off [model's, else 5.0].
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Height in pixels, a multiple of the VAE and patch factors (16 for Wan) [model's, else 480].
+    #[arg(long)]
+    height: Option<usize>,
+    /// Width in pixels [model's, else 832].
+    #[arg(long)]
+    width: Option<usize>,
+    /// Frames; rounded down to the form 4k + 1 as diffusers does [model's, else 81].
+    #[arg(long)]
+    frames: Option<usize>,
+    /// Frame rate of the written clip [model's, else 16].
+    #[arg(long)]
+    fps: Option<f64>,
     /// Noise seed; the same seed gives the same clip on the same build. Random when not given.
     #[arg(long)]
     seed: Option<u64>,
@@ -59,12 +59,17 @@ pub struct GenerateArgs {
     /// Flow shift; by default the scheduler config's.
     #[arg(long)]
     shift: Option<f64>,
-    /// Text length the prompt embeddings are padded to (padding takes part in cross-attention).
-    #[arg(long, default_value_t = 512)]
-    max_sequence_length: usize,
+    /// Text length the prompt embeddings are padded to; the padding takes part in
+    /// cross-attention [model's, else 512].
+    #[arg(long)]
+    max_sequence_length: Option<usize>,
     /// Initial noise: tensor `latents` [1, C, T, h, w] in a safetensors file, instead of drawing it.
     #[arg(long)]
     init_latents: Option<PathBuf>,
+    /// First frame (PNG/JPEG) for image-to-video, for models trained with frame conditioning
+    /// (vidit's own; Wan's I2V pipeline is a separate mode).
+    #[arg(long)]
+    image: Option<PathBuf>,
     /// Also write the final latents (tensor `latents`) to this safetensors file.
     #[arg(long)]
     save_latents: Option<PathBuf>,
@@ -106,8 +111,19 @@ fn check_latents_path(flag: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The request after flags and the model's defaults are combined.
+struct Settings {
+    steps: usize,
+    guidance: f64,
+    height: usize,
+    width: usize,
+    frames: usize,
+    fps: f64,
+    max_sequence_length: usize,
+}
+
 /// Everything that can be checked without loading weights, in the order a user would fix it.
-fn validate(args: &GenerateArgs) -> Result<(WanConfigs, TextToVideo, Device)> {
+fn validate(args: &GenerateArgs) -> Result<(WanConfigs, TextToVideo, Device, f64)> {
     check_writable(&args.output)?;
     if let Some(path) = &args.save_latents {
         check_latents_path("--save-latents", path)?;
@@ -116,39 +132,49 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, TextToVideo, Device)> {
     if vidit::pipelines::prompt::clean_prompt(&args.prompt).is_empty() {
         return Err(input_error("--prompt: the prompt is empty"));
     }
-    if args.steps == 0 {
-        return Err(input_error("--steps: must be at least 1"));
-    }
-    if !args.guidance.is_finite() {
-        return Err(input_error("--guidance: must be a finite number"));
-    }
-    if !(args.fps.is_finite() && args.fps > 0.0) {
-        return Err(input_error("--fps: must be positive"));
-    }
     if args.shift.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
         return Err(input_error("--shift: must be positive"));
     }
-    if args.max_sequence_length == 0 {
-        return Err(input_error("--max-sequence-length: must be at least 1"));
-    }
-    if args.frames == 0 {
-        return Err(input_error("--frames: must be at least 1"));
-    }
     let device = parse_device(&args.device)?;
     let configs = WanConfigs::read(&args.model)?;
+    let d = &configs.generation;
+    let s = Settings {
+        steps: args.steps.unwrap_or(d.num_inference_steps),
+        guidance: args.guidance.unwrap_or(d.guidance_scale),
+        height: args.height.unwrap_or(d.height),
+        width: args.width.unwrap_or(d.width),
+        frames: args.frames.unwrap_or(d.num_frames),
+        fps: args.fps.unwrap_or(d.fps),
+        max_sequence_length: args.max_sequence_length.unwrap_or(d.max_sequence_length),
+    };
+    if s.steps == 0 {
+        return Err(input_error("--steps: must be at least 1"));
+    }
+    if !s.guidance.is_finite() {
+        return Err(input_error("--guidance: must be a finite number"));
+    }
+    if !(s.fps.is_finite() && s.fps > 0.0) {
+        return Err(input_error("--fps: must be positive"));
+    }
+    if s.max_sequence_length == 0 {
+        return Err(input_error("--max-sequence-length: must be at least 1"));
+    }
+    if s.frames == 0 {
+        return Err(input_error("--frames: must be at least 1"));
+    }
 
     let spatial = configs.vae.spatial_factor()
         * configs.transformer.patch_size[1].max(configs.transformer.patch_size[2]);
-    for (flag, value) in [("--height", args.height), ("--width", args.width)] {
+    for (flag, value) in [("--height", s.height), ("--width", s.width)] {
         if value == 0 || value % spatial != 0 {
             return Err(input_error(format!(
                 "{flag} {value}: must be a positive multiple of {spatial} for this model"
             )));
         }
     }
-    OutputFormat::from_path(&args.output)?.check_size(&args.output, args.width, args.height)?;
+    OutputFormat::from_path(&args.output)?.check_size(&args.output, s.width, s.height)?;
     let temporal = configs.vae.temporal_factor();
-    let mut frames = args.frames;
+    let mut frames = s.frames;
     if frames % temporal != 1 {
         let rounded = (frames / temporal * temporal + 1).max(1);
         eprintln!("warning: --frames {frames} is not of the form {temporal}k+1; rounding to {rounded} as diffusers does");
@@ -160,14 +186,18 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, TextToVideo, Device)> {
     let mut request = TextToVideo {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
-        height: args.height,
-        width: args.width,
+        height: s.height,
+        width: s.width,
         num_frames: frames,
-        num_inference_steps: args.steps,
-        guidance_scale: args.guidance,
-        max_sequence_length: args.max_sequence_length,
+        num_inference_steps: s.steps,
+        guidance_scale: s.guidance,
+        max_sequence_length: s.max_sequence_length,
         seed: args.seed.unwrap_or_else(random_seed),
         init_latents: None,
+        first_frame: match &args.image {
+            Some(path) => Some(vidit::io::frames::read_image(path, s.width, s.height, &device)?),
+            None => None,
+        },
     };
     if let Some(path) = &args.init_latents {
         let vae = &configs.vae;
@@ -175,12 +205,12 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, TextToVideo, Device)> {
             1,
             configs.transformer.in_channels,
             (frames - 1) / temporal + 1,
-            args.height / vae.spatial_factor(),
-            args.width / vae.spatial_factor(),
+            s.height / vae.spatial_factor(),
+            s.width / vae.spatial_factor(),
         ];
         request.init_latents = Some(vidit::io::tensors::read_tensor(path, "latents", Some(&shape), &device)?);
     }
-    Ok((configs, request, device))
+    Ok((configs, request, device, s.fps))
 }
 
 fn scheduler_kind(arg: SchedulerArg) -> SchedulerKind {
@@ -197,7 +227,7 @@ fn random_seed() -> u64 {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let (configs, request, device) = validate(&args)?;
+    let (configs, request, device, fps) = validate(&args)?;
     if args.seed.is_none() && request.init_latents.is_none() && !args.quiet {
         eprintln!("seed: {}", request.seed);
     }
@@ -205,6 +235,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let model = WanModel::load(configs, &device)?;
     if !args.quiet {
         eprintln!("loaded {} in {:.1}s", args.model.display(), started.elapsed().as_secs_f64());
+    }
+    let unknown = model.text.unknown_words(&request.prompt);
+    if !unknown.is_empty() {
+        eprintln!("warning: words outside the model's vocabulary: {}", unknown.join(", "));
     }
     let mut scheduler =
         from_config_file(&model.scheduler_config, args.scheduler.map(scheduler_kind), args.shift)?;
@@ -219,7 +253,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let output = request.run(&model, scheduler.as_mut(), |i, _| bar.set_position(i as u64))?;
     bar.finish_and_clear();
 
-    write_video(&args.output, &output.frames, args.fps)?;
+    write_video(&args.output, &output.frames, fps)?;
     if let Some(path) = &args.save_latents {
         vidit::io::tensors::write_tensors(path, &HashMap::from([("latents".to_string(), output.latents)]))?;
     }

@@ -1,5 +1,6 @@
 //! `vidit`: generate video from the command line.
 
+mod eval;
 mod generate;
 mod train;
 
@@ -21,6 +22,8 @@ enum Command {
     TrainVae(Box<train::TrainVaeArgs>),
     /// Train the DiT and text encoder on a trained VAE's latents; writes a model folder.
     Train(Box<train::TrainArgs>),
+    /// Score a shapes model's prompt adherence (colour, shape, direction) from generated pixels.
+    Eval(Box<eval::EvalArgs>),
 }
 
 fn main() -> ExitCode {
@@ -29,6 +32,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(*args),
         Command::TrainVae(args) => train::run_vae(*args),
         Command::Train(args) => train::run_dit(*args),
+        Command::Eval(args) => eval::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

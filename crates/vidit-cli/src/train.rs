@@ -60,7 +60,11 @@ impl CommonArgs {
         }
         Ok(TrainOptions {
             steps: self.steps,
-            adamw: AdamWConfig { lr: self.lr.unwrap_or(lr), weight_decay: self.weight_decay, ..Default::default() },
+            adamw: AdamWConfig {
+                lr: self.lr.unwrap_or(lr),
+                weight_decay: self.weight_decay,
+                ..Default::default()
+            },
             grad_clip: Some(self.grad_clip),
             ema_decay: self.ema_decay,
             checkpoint_every: self.checkpoint_every,
@@ -163,7 +167,7 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
     let data = ShapesDataset::new(Split::Train, builtin::WIDTH, builtin::HEIGHT, builtin::FRAMES)?;
     let words = builtin::shapes_vocabulary();
     let tokenizer = builtin::word_tokenizer(&words)?;
-    let generation = builtin::GenerationConfig::default();
+    let generation = builtin::generation_config();
     let setup = DitTraining {
         transformer: builtin::transformer_config(vae_config.z_dim, 64),
         text_encoder: builtin::text_encoder_config(tokenizer.get_vocab_size(true)),
@@ -190,7 +194,8 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
         vidit::model_folder::weight_files(&args.vae)?.first().expect("weight_files returns at least one"),
         &device,
     )?;
-    let vae_config = WanVaeConfig { latents_mean: pool.mean.clone(), latents_std: pool.std.clone(), ..vae_config };
+    let vae_config =
+        WanVaeConfig { latents_mean: pool.mean.clone(), latents_std: pool.std.clone(), ..vae_config };
     let model_dir = run.root.join("model");
     builtin::write_model_folder(
         &model_dir,

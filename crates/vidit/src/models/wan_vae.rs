@@ -551,7 +551,11 @@ impl AutoencoderKLWan {
 
     /// Decodes latents `(B, z, T', h, w)` one latent frame at a time, handing each chunk of pixels
     /// (`(B, 3, 1 or 4, H, W)`, clamped to [−1, 1]) to `sink` as soon as it is ready.
-    pub fn decode_streaming(&self, latents: &Tensor, mut sink: impl FnMut(Tensor) -> Result<()>) -> Result<()> {
+    pub fn decode_streaming(
+        &self,
+        latents: &Tensor,
+        mut sink: impl FnMut(Tensor) -> Result<()>,
+    ) -> Result<()> {
         self.decode_chunks(latents, |chunk| sink(chunk.clamp(-1f32, 1f32)?))
     }
 

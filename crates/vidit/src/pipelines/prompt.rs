@@ -18,7 +18,12 @@ pub fn clean_prompt(text: &str) -> String {
 
 /// Cleans and tokenizes prompts as diffusers does (EOS appended, truncated to `max_len` keeping
 /// the EOS, right-padded): token ids and attention mask, each `(B, max_len)`.
-pub fn tokenize_padded(tokenizer: &Tokenizer, prompts: &[String], max_len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+pub fn tokenize_padded(
+    tokenizer: &Tokenizer,
+    prompts: &[String],
+    max_len: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let mut tokenizer = tokenizer.clone();
     let pad_id = tokenizer.token_to_id("<pad>").unwrap_or(0);
     tokenizer
@@ -34,8 +39,9 @@ pub fn tokenize_padded(tokenizer: &Tokenizer, prompts: &[String], max_len: usize
     let mut ids = Vec::with_capacity(prompts.len() * max_len);
     let mut mask = Vec::with_capacity(prompts.len() * max_len);
     for prompt in prompts {
-        let encoding =
-            tokenizer.encode(clean_prompt(prompt), true).map_err(|e| anyhow::anyhow!("tokenizing {prompt:?}: {e}"))?;
+        let encoding = tokenizer
+            .encode(clean_prompt(prompt), true)
+            .map_err(|e| anyhow::anyhow!("tokenizing {prompt:?}: {e}"))?;
         ids.extend_from_slice(encoding.get_ids());
         mask.extend_from_slice(encoding.get_attention_mask());
     }

@@ -20,6 +20,9 @@ pub struct TextToVideo {
     pub seed: u64,
     /// Initial noise `(1, C, T, h, w)` to use instead of drawing it from `seed`.
     pub init_latents: Option<Tensor>,
+    /// A given first frame `(3, H, W)` in [0, 1], for models trained with frame conditioning
+    /// (vidit's own): its latent frame is held clean at timestep 0 while the rest is generated.
+    pub first_frame: Option<Tensor>,
 }
 
 pub struct TextToVideoOutput {
@@ -66,12 +69,38 @@ impl TextToVideo {
             Some(l) => bail!("initial latents have shape {:?}, expected {shape:?}", l.dims()),
             None => crate::noise::randn(self.seed, &shape, device)?,
         };
+        // Frame conditioning: the encoded first frame replaces latent frame 0 throughout.
+        let given = match &self.first_frame {
+            Some(frame) => {
+                let pixels = frame.affine(2.0, -1.0)?.unsqueeze(1)?.unsqueeze(0)?; // (1, 3, 1, H, W)
+                Some(model.vae.normalize(&model.vae.encode(&pixels)?.mean)?) // (1, C, 1, h, w)
+            }
+            None => None,
+        };
+        let hold = |latents: &Tensor| -> Result<Tensor> {
+            Ok(match &given {
+                Some(g) => Tensor::cat(&[g, &latents.narrow(2, 1, shape[2] - 1)?], 2)?,
+                None => latents.clone(),
+            })
+        };
+        let [_, ph, pw] = model.transformer.config.patch_size;
+        let tokens_per_frame = (shape[3] / ph) * (shape[4] / pw);
         scheduler.set_timesteps(self.num_inference_steps)?;
         let timesteps = scheduler.timesteps().to_vec();
         let batch = prompts.len();
         for (i, &t) in timesteps.iter().enumerate() {
+            latents = hold(&latents)?;
             let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let timestep = Tensor::new(vec![t; batch], device)?;
+            let timestep = match given {
+                // Per-token timesteps: 0 on the given frame.
+                Some(_) => {
+                    let per_token: Vec<f32> = (0..shape[2] * tokens_per_frame)
+                        .map(|k| if k < tokens_per_frame { 0.0 } else { t })
+                        .collect();
+                    Tensor::new(per_token, device)?.unsqueeze(0)?.repeat((batch, 1))?
+                }
+                None => Tensor::new(vec![t; batch], device)?,
+            };
             let velocity = model.transformer.forward(&input, &timestep, &context)?;
             let velocity = if cfg {
                 let cond = velocity.narrow(0, 0, 1)?;
@@ -83,6 +112,7 @@ impl TextToVideo {
             latents = scheduler.step(&velocity, &latents)?;
             on_step(i + 1, timesteps.len());
         }
+        let latents = hold(&latents)?;
 
         let pixels = model.vae.decode(&model.vae.denormalize(&latents)?)?; // (1, 3, F, H, W) in [−1, 1]
         let frames =

@@ -8,7 +8,36 @@ use crate::models::wan_transformer::{WanTransformer3DModel, WanTransformerConfig
 use crate::models::wan_vae::{AutoencoderKLWan, WanVaeConfig};
 use anyhow::Result;
 use candle_core::Device;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+
+/// Generation defaults a model folder may carry (`generation_config.json`, vidit's own file);
+/// without it, diffusers' `WanPipeline` defaults apply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenerationConfig {
+    pub height: usize,
+    pub width: usize,
+    pub num_frames: usize,
+    pub fps: f64,
+    pub num_inference_steps: usize,
+    pub guidance_scale: f64,
+    pub max_sequence_length: usize,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            height: 480,
+            width: 832,
+            num_frames: 81,
+            fps: 16.0,
+            num_inference_steps: 50,
+            guidance_scale: 5.0,
+            max_sequence_length: 512,
+        }
+    }
+}
 
 pub struct WanModel {
     pub folder: ModelFolder,
@@ -16,6 +45,7 @@ pub struct WanModel {
     pub transformer: WanTransformer3DModel,
     pub vae: AutoencoderKLWan,
     pub scheduler_config: PathBuf,
+    pub generation: GenerationConfig,
     pub device: Device,
 }
 
@@ -27,6 +57,7 @@ pub struct WanConfigs {
     pub text_encoder: Umt5Config,
     pub tokenizer_json: PathBuf,
     pub scheduler_config: PathBuf,
+    pub generation: GenerationConfig,
 }
 
 /// A loading failure names its component; all of them are problems with the folder's files.
@@ -69,13 +100,27 @@ impl WanConfigs {
             MappedWeights::open(&crate::model_folder::weight_files(dir)?)?;
         }
         crate::schedulers::from_config_file(&scheduler_config, None, None)?;
-        Ok(Self { folder, transformer, vae, text_encoder, tokenizer_json, scheduler_config })
+        let generation_path = folder.root.join("generation_config.json");
+        let generation = if generation_path.is_file() {
+            load_config(&generation_path)?
+        } else {
+            GenerationConfig::default()
+        };
+        Ok(Self { folder, transformer, vae, text_encoder, tokenizer_json, scheduler_config, generation })
     }
 }
 
 impl WanModel {
     pub fn load(configs: WanConfigs, device: &Device) -> Result<Self> {
-        let WanConfigs { folder, transformer, vae, text_encoder, tokenizer_json, scheduler_config } = configs;
+        let WanConfigs {
+            folder,
+            transformer,
+            vae,
+            text_encoder,
+            tokenizer_json,
+            scheduler_config,
+            generation,
+        } = configs;
         let dir = folder.component("text_encoder")?;
         let model = in_component(
             &dir,
@@ -93,7 +138,7 @@ impl WanModel {
             &dir,
             MappedWeights::var_builder(&dir, device).and_then(|vb| AutoencoderKLWan::new(vae, vb)),
         )?;
-        Ok(Self { folder, text, transformer, vae, scheduler_config, device: device.clone() })
+        Ok(Self { folder, text, transformer, vae, scheduler_config, generation, device: device.clone() })
     }
 
     /// Reads and loads a model folder.

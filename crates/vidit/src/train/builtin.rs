@@ -6,10 +6,10 @@ use crate::model_folder::{save_component, write_json};
 use crate::models::umt5::Umt5Config;
 use crate::models::wan_transformer::WanTransformerConfig;
 use crate::models::wan_vae::WanVaeConfig;
+use crate::pipelines::wan::GenerationConfig;
 use crate::schedulers::UniPcConfig;
 use anyhow::{anyhow, Result};
 use candle_core::Tensor;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
@@ -21,29 +21,16 @@ pub const HEIGHT: usize = 64;
 pub const FRAMES: usize = 17;
 pub const FPS: f64 = 8.0;
 
-/// Generation defaults stored with a model (`generation_config.json`), used when a flag is absent.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct GenerationConfig {
-    pub height: usize,
-    pub width: usize,
-    pub num_frames: usize,
-    pub fps: f64,
-    pub num_inference_steps: usize,
-    pub guidance_scale: f64,
-    pub max_sequence_length: usize,
-}
-
-impl Default for GenerationConfig {
-    fn default() -> Self {
-        Self {
-            height: HEIGHT,
-            width: WIDTH,
-            num_frames: FRAMES,
-            fps: FPS,
-            num_inference_steps: 20,
-            guidance_scale: 4.0,
-            max_sequence_length: 16,
-        }
+/// Generation defaults written with the built-in model.
+pub fn generation_config() -> GenerationConfig {
+    GenerationConfig {
+        height: HEIGHT,
+        width: WIDTH,
+        num_frames: FRAMES,
+        fps: FPS,
+        num_inference_steps: 20,
+        guidance_scale: 4.0,
+        max_sequence_length: 16,
     }
 }
 
@@ -75,7 +62,15 @@ pub fn transformer_config(z_dim: usize, text_dim: usize) -> WanTransformerConfig
 }
 
 pub fn text_encoder_config(vocab_size: usize) -> Umt5Config {
-    Umt5Config { vocab_size, d_model: 64, d_kv: 16, d_ff: 128, num_layers: 2, num_heads: 4, ..Default::default() }
+    Umt5Config {
+        vocab_size,
+        d_model: 64,
+        d_kv: 16,
+        d_ff: 128,
+        num_layers: 2,
+        num_heads: 4,
+        ..Default::default()
+    }
 }
 
 /// A word-level tokenizer over `words` (lower-cased, split on whitespace), with `<pad>` = 0,
@@ -126,7 +121,12 @@ pub fn shapes_vocabulary() -> Vec<&'static str> {
 
 /// The scheduler a trained flow-matching model samples with.
 pub fn scheduler_config(shift: f64) -> UniPcConfig {
-    UniPcConfig { prediction_type: "flow_prediction".into(), use_flow_sigmas: true, flow_shift: shift, ..Default::default() }
+    UniPcConfig {
+        prediction_type: "flow_prediction".into(),
+        use_flow_sigmas: true,
+        flow_shift: shift,
+        ..Default::default()
+    }
 }
 
 /// Everything a model folder holds, ready to write.
@@ -144,7 +144,13 @@ pub struct ModelParts<'a> {
 
 /// Writes a complete WanPipeline folder (diffusers layout) plus `generation_config.json`.
 pub fn write_model_folder(root: &Path, parts: &ModelParts) -> Result<()> {
-    save_component(&root.join("vae"), "AutoencoderKLWan", parts.vae, "diffusion_pytorch_model.safetensors", parts.vae_weights)?;
+    save_component(
+        &root.join("vae"),
+        "AutoencoderKLWan",
+        parts.vae,
+        "diffusion_pytorch_model.safetensors",
+        parts.vae_weights,
+    )?;
     save_component(
         &root.join("transformer"),
         "WanTransformer3DModel",

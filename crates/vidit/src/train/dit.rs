@@ -9,9 +9,9 @@ use super::data::{batch, ClipSource};
 use super::objective::{masked_mse, FrameCondition, Objective};
 use super::trainer::{train, RunDir, StepReport, TrainOptions};
 use crate::models::umt5::{zero_padding, Umt5Config, Umt5EncoderModel};
-use crate::pipelines::prompt::tokenize_padded;
 use crate::models::wan_transformer::{WanTransformer3DModel, WanTransformerConfig};
 use crate::models::wan_vae::AutoencoderKLWan;
+use crate::pipelines::prompt::tokenize_padded;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -44,7 +44,13 @@ pub struct LatentPool {
 
 impl LatentPool {
     /// Encodes `n` clips drawn with `seed`, `chunk` at a time.
-    pub fn encode(vae: &AutoencoderKLWan, data: &dyn ClipSource, n: usize, seed: u64, device: &Device) -> Result<Self> {
+    pub fn encode(
+        vae: &AutoencoderKLWan,
+        data: &dyn ClipSource,
+        n: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut parts = Vec::new();
         let mut captions = Vec::new();
@@ -59,7 +65,8 @@ impl LatentPool {
         let mean_t = per_channel.mean_keepdim(1)?;
         let std_t = per_channel.broadcast_sub(&mean_t)?.sqr()?.mean_keepdim(1)?.sqrt()?;
         let mean: Vec<f64> = mean_t.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
-        let std: Vec<f64> = std_t.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|s| f64::from(s).max(1e-4)).collect();
+        let std: Vec<f64> =
+            std_t.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|s| f64::from(s).max(1e-4)).collect();
         let shape = (1, mean.len(), 1, 1, 1);
         let m = Tensor::from_vec(mean.iter().map(|&v| v as f32).collect(), shape, device)?;
         let s = Tensor::from_vec(std.iter().map(|&v| v as f32).collect(), shape, device)?;
@@ -96,12 +103,19 @@ pub fn train_dit(
         let x0 = pool.latents.index_select(&Tensor::new(picks.as_slice(), device)?, 0)?;
         let captions: Vec<String> = picks
             .iter()
-            .map(|&i| if rng.random::<f64>() < setup.caption_dropout { String::new() } else { pool.captions[i as usize].clone() })
+            .map(|&i| {
+                if rng.random::<f64>() < setup.caption_dropout {
+                    String::new()
+                } else {
+                    pool.captions[i as usize].clone()
+                }
+            })
             .collect();
         let (ids, mask) = tokenize_padded(tokenizer, &captions, setup.max_sequence_length, device)?;
         let text = zero_padding(&text_encoder.forward(&ids, &mask)?, &mask)?;
         let context = transformer.text_context(&text)?;
-        let conditions: Vec<FrameCondition> = (0..setup.batch_size).map(|_| FrameCondition::sample(rng, t)).collect();
+        let conditions: Vec<FrameCondition> =
+            (0..setup.batch_size).map(|_| FrameCondition::sample(rng, t)).collect();
         let noised = setup.objective.noise(&x0, &conditions, tokens_per_frame, rng)?;
         let prediction = transformer.forward(&noised.inputs, &noised.timesteps, &context)?;
         masked_mse(&prediction, &noised.target, &noised.loss_mask)

@@ -71,7 +71,8 @@ pub fn train_vae(
     on_step: impl FnMut(&StepReport),
 ) -> Result<HashMap<String, Tensor>> {
     let varmap = VarMap::new();
-    let vae = AutoencoderKLWan::new(setup.config.clone(), VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    let vae =
+        AutoencoderKLWan::new(setup.config.clone(), VarBuilder::from_varmap(&varmap, DType::F32, device))?;
     let loss = |rng: &mut rand_chacha::ChaCha8Rng| -> Result<Tensor> {
         let (mut video, _) = batch(data, setup.batch_size, rng, device)?;
         if let Some(size) = setup.crop {

@@ -20,7 +20,12 @@ impl ClipSource for shapes::ShapesDataset {
 }
 
 /// Draws `n` clips and stacks them as VAE input `(n, 3, F, H, W)` in [−1, 1].
-pub fn batch(source: &dyn ClipSource, n: usize, rng: &mut ChaCha8Rng, device: &Device) -> Result<(Tensor, Vec<String>)> {
+pub fn batch(
+    source: &dyn ClipSource,
+    n: usize,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> Result<(Tensor, Vec<String>)> {
     let mut clips = Vec::with_capacity(n);
     let mut captions = Vec::with_capacity(n);
     for _ in 0..n {

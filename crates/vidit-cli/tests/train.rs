@@ -1,0 +1,166 @@
+//! Training through the binary: a tiny end-to-end run (train-vae → train → generate → eval),
+//! and checkpoints that survive a kill -9 in the middle of training.
+
+use anyhow::Result;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+fn vidit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vidit")).args(args).output().expect("run vidit")
+}
+
+fn ok(run: Output) -> String {
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(run.status.success(), "{stderr}");
+    String::from_utf8_lossy(&run.stdout).into_owned() + &stderr
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let vae_run = dir.path().join("vae-run");
+    ok(vidit(&[
+        "train-vae",
+        "--out",
+        p(&vae_run),
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--frames",
+        "5",
+        "--quiet",
+    ]));
+    let log = std::fs::read_to_string(vae_run.join("train_log.csv"))?;
+    assert_eq!(log.lines().count(), 3, "header + 2 steps: {log}");
+    assert!(vae_run.join("vae/config.json").is_file() && vae_run.join("checkpoint.safetensors").is_file());
+
+    let dit_run = dir.path().join("dit-run");
+    let vae_dir = vae_run.join("vae");
+    ok(vidit(&[
+        "train",
+        "--vae",
+        p(&vae_dir),
+        "--out",
+        p(&dit_run),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--pool",
+        "2",
+        "--quiet",
+    ]));
+    let model = dit_run.join("model");
+    for file in [
+        "model_index.json",
+        "generation_config.json",
+        "tokenizer/tokenizer.json",
+        "scheduler/scheduler_config.json",
+    ] {
+        assert!(model.join(file).is_file(), "{file} missing");
+    }
+
+    // The folder runs through the ordinary generate path, with its own defaults (64x64x17).
+    let clip = dir.path().join("clip.safetensors");
+    let out = ok(vidit(&[
+        "generate",
+        "--model",
+        p(&model),
+        "--prompt",
+        "a red circle moving purple",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--output",
+        p(&clip),
+    ]));
+    assert!(out.contains("outside the model's vocabulary: purple"), "{out}");
+    let frames = candle_core::safetensors::load(&clip, &candle_core::Device::Cpu)?.remove("frames").unwrap();
+    assert_eq!(frames.dims(), &[17, 3, 64, 64]);
+
+    // Image-to-video through frame conditioning: a given PNG first frame.
+    let png = dir.path().join("first.png");
+    image::RgbImage::from_fn(64, 64, |x, y| {
+        if (20..40).contains(&x) && (20..40).contains(&y) {
+            image::Rgb([255, 0, 0])
+        } else {
+            image::Rgb([0, 0, 0])
+        }
+    })
+    .save(&png)?;
+    let i2v = dir.path().join("i2v.safetensors");
+    ok(vidit(&[
+        "generate",
+        "--model",
+        p(&model),
+        "--prompt",
+        "a red square moving left",
+        "--image",
+        p(&png),
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--output",
+        p(&i2v),
+    ]));
+
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "a red circle moving left\na green circle moving up\n")?;
+    let table =
+        ok(vidit(&["eval", "--model", p(&model), "--prompts", p(&prompts), "--n", "1", "--steps", "1"]));
+    assert!(table.contains("seen") && table.contains("held-out"), "{table}");
+    std::fs::write(&prompts, "a red circle moving sideways\n")?;
+    let bad = vidit(&["eval", "--model", p(&model), "--prompts", p(&prompts)]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("prompts.txt:1"));
+    Ok(())
+}
+
+#[test]
+fn kill_during_training_leaves_a_loadable_checkpoint() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let run = dir.path().join("run");
+    let args = [
+        "train-vae",
+        "--out",
+        p(&run),
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "1",
+        "--batch-size",
+        "1",
+        "--frames",
+        "1",
+        "--crop",
+        "32",
+        "--quiet",
+    ];
+    let checkpoint = run.join("checkpoint.safetensors");
+    let mut last_step = 0;
+    for wait_ms in [1500u64, 700, 1100] {
+        let resume: &[&str] = if checkpoint.exists() { &["--resume"] } else { &[] };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vidit")).args(args).args(resume).spawn()?;
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        // Wait until at least one checkpoint exists, then kill -9 at an arbitrary moment.
+        while !checkpoint.exists() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(wait_ms / 3));
+        child.kill()?; // SIGKILL
+        child.wait()?;
+        let ckpt = vidit::train::trainer::Checkpoint::load(&checkpoint)?;
+        assert!(ckpt.step >= last_step, "a resumed run continues from its checkpoint");
+        last_step = ckpt.step;
+    }
+    assert!(last_step > 0);
+    Ok(())
+}
