@@ -23,12 +23,16 @@ pub enum SchedulerArg {
 /// Defaults are those of diffusers' `WanPipeline` call and of the model's own configs.
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Model folder in the diffusers layout (model_index.json, transformer/, vae/, …).
+    /// Model folder in the diffusers layout (model_index.json, transformer/, vae/, …);
+    /// the built-in shapes model when not given.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
+    /// The prompt, as a positional argument (the same as --prompt).
+    #[arg(conflicts_with = "prompt", required_unless_present = "prompt")]
+    text: Option<String>,
     /// What the clip shows.
     #[arg(long)]
-    prompt: String,
+    prompt: Option<String>,
     /// What to steer away from (classifier-free guidance).
     #[arg(long, default_value = "")]
     negative_prompt: String,
@@ -74,7 +78,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     save_latents: Option<PathBuf>,
     /// Output: .mp4, .gif, .safetensors (tensor `frames`), or a folder path ending in / for PNGs.
-    #[arg(long, short)]
+    #[arg(long, short, default_value = "clip.mp4")]
     output: PathBuf,
     /// No progress bar.
     #[arg(long)]
@@ -129,14 +133,19 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, TextToVideo, Device, f64
         check_latents_path("--save-latents", path)?;
         check_writable(path)?;
     }
-    if vidit::pipelines::prompt::clean_prompt(&args.prompt).is_empty() {
+    let prompt = args.prompt.clone().or_else(|| args.text.clone()).unwrap_or_default();
+    if vidit::pipelines::prompt::clean_prompt(&prompt).is_empty() {
         return Err(input_error("--prompt: the prompt is empty"));
     }
     if args.shift.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
         return Err(input_error("--shift: must be positive"));
     }
     let device = parse_device(&args.device)?;
-    let configs = WanConfigs::read(&args.model)?;
+    let model_dir = match &args.model {
+        Some(dir) => dir.clone(),
+        None => crate::builtin::model_dir()?,
+    };
+    let configs = WanConfigs::read(&model_dir)?;
     let d = &configs.generation;
     let s = Settings {
         steps: args.steps.unwrap_or(d.num_inference_steps),
@@ -184,7 +193,7 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, TextToVideo, Device, f64
     from_config_file(&configs.scheduler_config, args.scheduler.map(scheduler_kind), args.shift)?;
 
     let mut request = TextToVideo {
-        prompt: args.prompt.clone(),
+        prompt,
         negative_prompt: args.negative_prompt.clone(),
         height: s.height,
         width: s.width,
@@ -234,7 +243,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let model = WanModel::load(configs, &device)?;
     if !args.quiet {
-        eprintln!("loaded {} in {:.1}s", args.model.display(), started.elapsed().as_secs_f64());
+        eprintln!("loaded {} in {:.1}s", model.folder.root.display(), started.elapsed().as_secs_f64());
     }
     let unknown = model.text.unknown_words(&request.prompt);
     if !unknown.is_empty() {

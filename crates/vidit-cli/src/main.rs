@@ -1,5 +1,6 @@
 //! `vidit`: generate video from the command line.
 
+mod builtin;
 mod eval;
 mod generate;
 mod train;
