@@ -266,6 +266,27 @@ for kind in ["unipc", "euler"]:
                 for i, t in enumerate(s.timesteps):
                     x = s.step(outputs[i], t, x, return_dict=False)[0]
                     sched[f"{key}.trajectory.{i}"] = x.clone()
+# DDPM (ancestral, with recorded noise) and DDIM (eta 0), epsilon prediction, latent-space configs.
+import diffusers.schedulers.scheduling_ddpm as ddpm_module
+from diffusers import DDIMScheduler, DDPMScheduler
+
+variance_noise = torch.randn(6, 1, 16, 2, 4, 4, generator=g)
+for kind, cls in [("ddpm", DDPMScheduler), ("ddim", DDIMScheduler)]:
+    for steps in [6, 50]:
+        s = cls(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, prediction_type="epsilon")
+        s.set_timesteps(steps)
+        key = f"{kind}.steps{steps}"
+        sched[f"{key}.timesteps"] = s.timesteps.clone()
+        if steps == 6:
+            draws = iter(variance_noise)
+            original = ddpm_module.randn_tensor
+            ddpm_module.randn_tensor = lambda *a, **k: next(draws).clone()
+            x = sample0.clone()
+            for i, t in enumerate(s.timesteps):
+                x = s.step(outputs[i], t, x, return_dict=False)[0]
+                sched[f"{key}.trajectory.{i}"] = x.clone()
+            ddpm_module.randn_tensor = original
+sched["ddpm.variance_noise"] = variance_noise
 sched["trajectory.sample"] = sample0
 sched["trajectory.model_outputs"] = outputs
 save("schedulers.safetensors", sched)

@@ -18,6 +18,10 @@ pub enum SchedulerArg {
     Unipc,
     /// Flow-matching Euler.
     Euler,
+    /// DDPM ancestral sampling (ε-prediction models).
+    Ddpm,
+    /// DDIM, deterministic (ε-prediction models).
+    Ddim,
 }
 
 /// Defaults are those of diffusers' `WanPipeline` call and of the model's own configs.
@@ -57,7 +61,8 @@ pub struct GenerateArgs {
     /// Noise seed; the same seed gives the same clip on the same build. Random when not given.
     #[arg(long)]
     seed: Option<u64>,
-    /// Sampler; by default the one in the model's scheduler config.
+    /// Sampler [the model's scheduler config]: unipc/euler for flow-matching models, ddpm/ddim
+    /// for ε-prediction models.
     #[arg(long, value_enum)]
     scheduler: Option<SchedulerArg>,
     /// Flow shift; by default the scheduler config's.
@@ -226,6 +231,8 @@ fn scheduler_kind(arg: SchedulerArg) -> SchedulerKind {
     match arg {
         SchedulerArg::Unipc => SchedulerKind::UniPc,
         SchedulerArg::Euler => SchedulerKind::Euler,
+        SchedulerArg::Ddpm => SchedulerKind::Ddpm,
+        SchedulerArg::Ddim => SchedulerKind::Ddim,
     }
 }
 

@@ -139,6 +139,12 @@ pub fn run_vae(args: TrainVaeArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ObjectiveArg {
+    Flow,
+    Ddpm,
+}
+
 #[derive(Args)]
 pub struct TrainArgs {
     #[command(flatten)]
@@ -149,6 +155,9 @@ pub struct TrainArgs {
     /// Clips encoded once into the training pool of latents.
     #[arg(long, default_value_t = 2048)]
     pool: usize,
+    /// Training objective: flow matching (sampled with UniPC) or DDPM ε-prediction (sampled with DDIM).
+    #[arg(long, value_enum, default_value = "flow")]
+    objective: ObjectiveArg,
     /// Flow shift of the timestep sampling (and of the sampler written with the model).
     #[arg(long, default_value_t = 3.0)]
     shift: f64,
@@ -171,7 +180,10 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
     let setup = DitTraining {
         transformer: builtin::transformer_config(vae_config.z_dim, 64),
         text_encoder: builtin::text_encoder_config(tokenizer.get_vocab_size(true)),
-        objective: Objective::FlowMatching { shift: args.shift },
+        objective: match args.objective {
+            ObjectiveArg::Flow => Objective::FlowMatching { shift: args.shift },
+            ObjectiveArg::Ddpm => Objective::Ddpm,
+        },
         batch_size: args.common.batch_size.unwrap_or(32),
         max_sequence_length: generation.max_sequence_length,
         caption_dropout: args.caption_dropout,
@@ -207,7 +219,7 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
             text_encoder: &setup.text_encoder,
             text_encoder_weights: &weights.text_encoder,
             tokenizer: &tokenizer,
-            scheduler: &builtin::scheduler_config(args.shift),
+            scheduler: &builtin::scheduler_config(setup.objective)?,
             generation: &generation,
         },
     )?;

@@ -112,6 +112,57 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
         p(&i2v),
     ]));
 
+    // The DDPM objective trains an ε-prediction model that samples with DDIM (its config) or DDPM.
+    let ddpm_run = dir.path().join("ddpm-run");
+    ok(vidit(&[
+        "train",
+        "--vae",
+        p(&vae_dir),
+        "--out",
+        p(&ddpm_run),
+        "--objective",
+        "ddpm",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--pool",
+        "2",
+        "--quiet",
+    ]));
+    let scheduler = std::fs::read_to_string(ddpm_run.join("model/scheduler/scheduler_config.json"))?;
+    assert!(scheduler.contains("DDIMScheduler"), "{scheduler}");
+    for sampler in ["ddim", "ddpm"] {
+        let out = dir.path().join(format!("{sampler}.safetensors"));
+        ok(vidit(&[
+            "generate",
+            "--model",
+            p(&ddpm_run.join("model")),
+            "--prompt",
+            "a red circle moving left",
+            "--scheduler",
+            sampler,
+            "--steps",
+            "3",
+            "--seed",
+            "2",
+            "--output",
+            p(&out),
+        ]));
+    }
+    let wrong = vidit(&[
+        "generate",
+        "--model",
+        p(&ddpm_run.join("model")),
+        "--prompt",
+        "a red circle moving left",
+        "--scheduler",
+        "unipc",
+        "--output",
+        p(&dir.path().join("x.mp4")),
+    ]);
+    assert_eq!(wrong.status.code(), Some(2), "an epsilon model with a flow sampler is refused");
+
     let prompts = dir.path().join("prompts.txt");
     std::fs::write(&prompts, "a red circle moving left\na green circle moving up\n")?;
     let table =

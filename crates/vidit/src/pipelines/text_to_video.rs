@@ -86,6 +86,7 @@ impl TextToVideo {
         let [_, ph, pw] = model.transformer.config.patch_size;
         let tokens_per_frame = (shape[3] / ph) * (shape[4] / pw);
         scheduler.set_timesteps(self.num_inference_steps)?;
+        scheduler.seed(self.seed.wrapping_add(1)); // stochastic samplers draw their noise from the seed too
         let timesteps = scheduler.timesteps().to_vec();
         let batch = prompts.len();
         for (i, &t) in timesteps.iter().enumerate() {

@@ -1,6 +1,9 @@
 //! Samplers over the flow-matching trajectory x_σ = (1 − σ)·x0 + σ·ε, each a small object with
 //! `set_timesteps` and `step`, configured from the model folder's `scheduler/scheduler_config.json`.
 
+pub mod betas;
+pub mod ddim;
+pub mod ddpm;
 pub mod flow_match_euler;
 pub mod unipc;
 
@@ -9,6 +12,9 @@ use anyhow::Result;
 use candle_core::Tensor;
 use std::path::Path;
 
+pub use betas::BetaScheduleConfig;
+pub use ddim::DdimScheduler;
+pub use ddpm::DdpmScheduler;
 pub use flow_match_euler::{FlowMatchEulerConfig, FlowMatchEulerDiscreteScheduler};
 pub use unipc::{UniPcConfig, UniPcMultistepScheduler};
 
@@ -22,13 +28,18 @@ pub trait Scheduler {
     fn sigmas(&self) -> &[f32];
     /// Advances `sample` by one step given the model's output at the current step.
     fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor>;
+    /// Seeds the noise of stochastic samplers (a no-op for deterministic ones).
+    fn seed(&mut self, _seed: u64) {}
 }
 
-/// The two schedulers vidit ships, selectable by name on the command line.
+/// The schedulers vidit ships, selectable by name on the command line. UniPC and Euler sample
+/// flow-matching models; DDPM and DDIM sample ε-prediction models.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SchedulerKind {
     UniPc,
     Euler,
+    Ddpm,
+    Ddim,
 }
 
 /// Builds a scheduler from a `scheduler_config.json`. `kind` overrides the class named in the file
@@ -44,13 +55,25 @@ pub fn from_config_file(
         (Some(kind), _) => kind,
         (None, "UniPCMultistepScheduler") => SchedulerKind::UniPc,
         (None, "FlowMatchEulerDiscreteScheduler") => SchedulerKind::Euler,
+        (None, "DDPMScheduler") => SchedulerKind::Ddpm,
+        (None, "DDIMScheduler") => SchedulerKind::Ddim,
         (None, other) => {
             return Err(input_error(format!(
-                "{}: scheduler `{other}` is not supported (UniPCMultistepScheduler, FlowMatchEulerDiscreteScheduler)",
+                "{}: scheduler `{other}` is not supported \
+                 (UniPCMultistepScheduler, FlowMatchEulerDiscreteScheduler, DDPMScheduler, DDIMScheduler)",
                 path.display()
             )))
         }
     };
+    let flow_config = ["UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"].contains(&class);
+    let flow_sampler = matches!(kind, SchedulerKind::UniPc | SchedulerKind::Euler);
+    if flow_config != flow_sampler {
+        return Err(input_error(format!(
+            "{}: a {} model cannot be sampled with {kind:?} (flow-matching: unipc, euler; epsilon: ddpm, ddim)",
+            path.display(),
+            if flow_config { "flow-matching" } else { "epsilon-prediction" }
+        )));
+    }
     // A UniPC config read as Euler keeps its shift, which UniPC calls `flow_shift`.
     let file_shift = value.get("shift").or_else(|| value.get("flow_shift")).and_then(|v| v.as_f64());
     let shift = shift.or(file_shift);
@@ -64,6 +87,15 @@ pub fn from_config_file(
                 UniPcMultistepScheduler::new(config)
                     .map_err(|e| input_error(format!("{}: {e}", path.display())))?,
             )
+        }
+        SchedulerKind::Ddpm | SchedulerKind::Ddim => {
+            let config: BetaScheduleConfig = crate::model_folder::parse_config(path, value)?;
+            let named = |e: anyhow::Error| input_error(format!("{}: {e}", path.display()));
+            if kind == SchedulerKind::Ddpm {
+                Box::new(DdpmScheduler::new(config).map_err(named)?)
+            } else {
+                Box::new(DdimScheduler::new(config).map_err(named)?)
+            }
         }
         SchedulerKind::Euler => {
             let mut config: FlowMatchEulerConfig = if class == "FlowMatchEulerDiscreteScheduler" {

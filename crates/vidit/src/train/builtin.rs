@@ -2,12 +2,13 @@
 //! UMT5 text encoder with a word-level tokenizer) trained on the `shapes` grammar, saved in the
 //! diffusers folder layout so it runs through the same code path as real Wan checkpoints.
 
+use super::objective::Objective;
 use crate::model_folder::{save_component, write_json};
 use crate::models::umt5::Umt5Config;
 use crate::models::wan_transformer::WanTransformerConfig;
 use crate::models::wan_vae::WanVaeConfig;
 use crate::pipelines::wan::GenerationConfig;
-use crate::schedulers::UniPcConfig;
+use crate::schedulers::{BetaScheduleConfig, UniPcConfig};
 use anyhow::{anyhow, Result};
 use candle_core::Tensor;
 use std::collections::HashMap;
@@ -119,14 +120,26 @@ pub fn shapes_vocabulary() -> Vec<&'static str> {
     words
 }
 
-/// The scheduler a trained flow-matching model samples with.
-pub fn scheduler_config(shift: f64) -> UniPcConfig {
-    UniPcConfig {
-        prediction_type: "flow_prediction".into(),
-        use_flow_sigmas: true,
-        flow_shift: shift,
-        ..Default::default()
-    }
+/// The scheduler config a model trained with `objective` samples with: UniPC with flow sigmas
+/// for flow matching, DDIM (no clipping: latents are not bounded) for DDPM.
+pub fn scheduler_config(objective: Objective) -> Result<serde_json::Value> {
+    let (class, mut value) = match objective {
+        Objective::FlowMatching { shift } => (
+            "UniPCMultistepScheduler",
+            serde_json::to_value(UniPcConfig {
+                prediction_type: "flow_prediction".into(),
+                use_flow_sigmas: true,
+                flow_shift: shift,
+                ..Default::default()
+            })?,
+        ),
+        Objective::Ddpm => (
+            "DDIMScheduler",
+            serde_json::to_value(BetaScheduleConfig { clip_sample: false, ..Default::default() })?,
+        ),
+    };
+    value["_class_name"] = class.into();
+    Ok(value)
 }
 
 /// Everything a model folder holds, ready to write.
@@ -138,7 +151,7 @@ pub struct ModelParts<'a> {
     pub text_encoder: &'a Umt5Config,
     pub text_encoder_weights: &'a HashMap<String, Tensor>,
     pub tokenizer: &'a Tokenizer,
-    pub scheduler: &'a UniPcConfig,
+    pub scheduler: &'a serde_json::Value,
     pub generation: &'a GenerationConfig,
 }
 
@@ -173,15 +186,14 @@ pub fn write_model_folder(root: &Path, parts: &ModelParts) -> Result<()> {
     })?;
     let scheduler_dir = root.join("scheduler");
     std::fs::create_dir_all(&scheduler_dir)?;
-    let mut scheduler = serde_json::to_value(parts.scheduler)?;
-    scheduler["_class_name"] = "UniPCMultistepScheduler".into();
-    write_json(&scheduler_dir.join("scheduler_config.json"), &scheduler)?;
+    write_json(&scheduler_dir.join("scheduler_config.json"), parts.scheduler)?;
+    let scheduler_class = parts.scheduler["_class_name"].clone();
     write_json(&root.join("generation_config.json"), &serde_json::to_value(parts.generation)?)?;
     write_json(
         &root.join("model_index.json"),
         &serde_json::json!({
             "_class_name": "WanPipeline",
-            "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+            "scheduler": ["diffusers", scheduler_class],
             "text_encoder": ["transformers", "UMT5EncoderModel"],
             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
             "transformer": ["diffusers", "WanTransformer3DModel"],

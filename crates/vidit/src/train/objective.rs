@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 pub enum Objective {
     /// Rectified flow: x_σ = (1 − σ)·x0 + σ·ε, target v = ε − x0, σ logit-normal then shifted.
     FlowMatching { shift: f64 },
-    /// DDPM ε-prediction with the linear β schedule (1e-4 … 0.02 over 1000 steps).
+    /// DDPM ε-prediction with diffusers' linear β schedule (1e-4 … 0.02 over 1000 steps).
     Ddpm,
 }
 
@@ -57,21 +57,6 @@ impl FrameCondition {
     }
 }
 
-/// Number of training timesteps of the DDPM schedule.
-pub const DDPM_STEPS: usize = 1000;
-
-/// ᾱ_t of the linear β schedule, t = 0 … 999.
-pub fn ddpm_alphas_cumprod() -> Vec<f64> {
-    let mut prod = 1.0;
-    (0..DDPM_STEPS)
-        .map(|i| {
-            let beta = 1e-4 + (0.02 - 1e-4) * i as f64 / (DDPM_STEPS - 1) as f64;
-            prod *= 1.0 - beta;
-            prod
-        })
-        .collect()
-}
-
 /// One noised batch: what the model sees and what it must predict.
 pub struct NoisedBatch {
     pub inputs: Tensor,
@@ -101,6 +86,11 @@ impl Objective {
         let mut coef_x0 = Vec::with_capacity(b);
         let mut coef_noise = Vec::with_capacity(b);
         let mut model_t = Vec::with_capacity(b);
+        // The schedule DDPM / DDIM sampling uses (diffusers' linear betas, in f32).
+        let alphas_cumprod = match self {
+            Objective::Ddpm => crate::schedulers::BetaScheduleConfig::default().alphas_cumprod(),
+            Objective::FlowMatching { .. } => vec![],
+        };
         for condition in conditions {
             keep.extend(condition.mask(t));
             match *self {
@@ -113,8 +103,8 @@ impl Objective {
                     model_t.push((sigma * 1000.0) as f32);
                 }
                 Objective::Ddpm => {
-                    let step = rng.random_range(0..DDPM_STEPS);
-                    let abar = ddpm_alphas_cumprod()[step];
+                    let step = rng.random_range(0..alphas_cumprod.len());
+                    let abar = alphas_cumprod[step] as f64;
                     coef_x0.push(abar.sqrt() as f32);
                     coef_noise.push((1.0 - abar).sqrt() as f32);
                     model_t.push(step as f32);

@@ -1,0 +1,118 @@
+//! The discrete β schedule shared by the DDPM and DDIM schedulers (ε-prediction), computed in f32
+//! exactly as diffusers computes it.
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+/// Config keys common to `DDPMScheduler` and `DDIMScheduler`, with diffusers' defaults.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct BetaScheduleConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: String,
+    pub prediction_type: String,
+    pub clip_sample: bool,
+    pub clip_sample_range: f64,
+    pub set_alpha_to_one: bool,
+    pub steps_offset: usize,
+    pub timestep_spacing: String,
+    pub variance_type: String,
+    pub thresholding: bool,
+}
+
+impl Default for BetaScheduleConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 1e-4,
+            beta_end: 0.02,
+            beta_schedule: "linear".into(),
+            prediction_type: "epsilon".into(),
+            clip_sample: true,
+            clip_sample_range: 1.0,
+            set_alpha_to_one: true,
+            steps_offset: 0,
+            timestep_spacing: "leading".into(),
+            variance_type: "fixed_small".into(),
+            thresholding: false,
+        }
+    }
+}
+
+/// `torch.linspace` in f32: symmetric, from the start for the first half and from the end after.
+fn torch_linspace(start: f32, end: f32, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (n - 1) as f32;
+    let half = n / 2;
+    (0..n).map(|i| if i < half { start + step * i as f32 } else { end - step * (n - 1 - i) as f32 }).collect()
+}
+
+impl BetaScheduleConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.prediction_type != "epsilon" {
+            bail!("prediction_type `{}` is not supported (epsilon)", self.prediction_type);
+        }
+        if self.thresholding {
+            bail!("option `thresholding` is not supported");
+        }
+        if !matches!(self.beta_schedule.as_str(), "linear" | "scaled_linear") {
+            bail!("beta_schedule `{}` is not supported (linear, scaled_linear)", self.beta_schedule);
+        }
+        if !matches!(self.timestep_spacing.as_str(), "leading" | "trailing" | "linspace") {
+            bail!(
+                "timestep_spacing `{}` is not supported (leading, trailing, linspace)",
+                self.timestep_spacing
+            );
+        }
+        Ok(())
+    }
+
+    /// ᾱ_t for t = 0 … N − 1.
+    pub fn alphas_cumprod(&self) -> Vec<f32> {
+        let n = self.num_train_timesteps;
+        let betas = match self.beta_schedule.as_str() {
+            "scaled_linear" => {
+                torch_linspace((self.beta_start as f32).sqrt(), (self.beta_end as f32).sqrt(), n)
+                    .into_iter()
+                    .map(|b| b * b)
+                    .collect()
+            }
+            _ => torch_linspace(self.beta_start as f32, self.beta_end as f32, n),
+        };
+        let mut prod = 1f32;
+        betas
+            .iter()
+            .map(|b| {
+                prod *= 1.0 - b;
+                prod
+            })
+            .collect()
+    }
+
+    /// Integer timesteps of an `steps`-step schedule, high to low, as diffusers spaces them.
+    pub fn timesteps(&self, steps: usize) -> Result<Vec<i64>> {
+        let n = self.num_train_timesteps;
+        if steps == 0 || steps > n {
+            bail!("the number of steps must be between 1 and {n}");
+        }
+        Ok(match self.timestep_spacing.as_str() {
+            "linspace" => super::linspace(0.0, (n - 1) as f64, steps)
+                .into_iter()
+                .rev()
+                .map(|t| t.round() as i64)
+                .collect(),
+            "trailing" => {
+                let ratio = n as f64 / steps as f64;
+                (0..steps).map(|i| (n as f64 - i as f64 * ratio).round() as i64 - 1).collect()
+            }
+            _ => {
+                let ratio = n / steps;
+                (0..steps).rev().map(|i| (i * ratio + self.steps_offset) as i64).collect()
+            }
+        })
+    }
+}
