@@ -69,6 +69,7 @@ impl CommonArgs {
             ema_decay: self.ema_decay,
             checkpoint_every: self.checkpoint_every,
             seed: self.seed,
+            resume: self.resume,
         })
     }
 
@@ -123,7 +124,7 @@ pub fn run_vae(args: TrainVaeArgs) -> Result<()> {
     };
     let (bar, on_step) = args.common.progress();
     let started = std::time::Instant::now();
-    let weights = train_vae(&setup, &data, &options, &run, args.common.resume, &Device::Cpu, on_step)?;
+    let weights = train_vae(&setup, &data, &options, &run, &Device::Cpu, on_step)?;
     bar.finish_and_clear();
     let dir = run.root.join("vae");
     vidit::model_folder::save_component(
@@ -199,7 +200,7 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
         eprintln!("pool ready ({:.0}s)", started.elapsed().as_secs_f64());
     }
     let (bar, on_step) = args.common.progress();
-    let weights = train_dit(&setup, &pool, &tokenizer, &options, &run, args.common.resume, &device, on_step)?;
+    let weights = train_dit(&setup, &pool, &tokenizer, &options, &run, &device, on_step)?;
     bar.finish_and_clear();
 
     let vae_weights = candle_core::safetensors::load(

@@ -87,7 +87,6 @@ pub fn train_dit(
     tokenizer: &Tokenizer,
     options: &TrainOptions,
     run: &RunDir,
-    resume: bool,
     device: &Device,
     on_step: impl FnMut(&StepReport),
 ) -> Result<DitWeights> {
@@ -120,7 +119,7 @@ pub fn train_dit(
         let prediction = transformer.forward(&noised.inputs, &noised.timesteps, &context)?;
         masked_mse(&prediction, &noised.target, &noised.loss_mask)
     };
-    let weights = train(&varmap, options, run, resume, loss, on_step)?;
+    let weights = train(&varmap, options, run, loss, on_step)?;
     let split = |prefix: &str| -> HashMap<String, Tensor> {
         let p = format!("{prefix}.");
         weights.iter().filter_map(|(k, v)| Some((k.strip_prefix(&p)?.to_string(), v.clone()))).collect()

@@ -80,8 +80,9 @@ impl AdamW {
         for slot in &mut self.slots {
             let Some(g) = grads.get(slot.var.as_tensor()) else { continue };
             let g = g.affine(clip, 0.0)?;
-            slot.m = ((&slot.m * beta1)? + (&g * (1.0 - beta1))?)?;
-            slot.v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            // Detached: optimiser state must not keep the autograd graph of past steps alive.
+            slot.m = ((&slot.m * beta1)? + (&g * (1.0 - beta1))?)?.detach();
+            slot.v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?.detach();
             let update = (&slot.m / bc1)?.div(&((&slot.v / bc2)?.sqrt()? + eps)?)?;
             let decayed = (slot.var.as_tensor() * (1.0 - lr * weight_decay))?;
             slot.var.set(&(decayed - (update * lr)?)?)?;
@@ -132,7 +133,7 @@ impl Ema {
     pub fn update(&mut self, vars: &HashMap<String, Var>) -> Result<()> {
         for (name, w) in self.weights.iter_mut() {
             let p = vars[name].as_tensor().detach();
-            *w = ((&*w * self.decay)? + (p * (1.0 - self.decay))?)?;
+            *w = ((&*w * self.decay)? + (p * (1.0 - self.decay))?)?.detach();
         }
         Ok(())
     }
@@ -157,6 +158,11 @@ mod tests {
         }
         let loss = (x.as_tensor() - &target)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
         assert!(loss < 1e-3 * loss0, "loss {loss} from {loss0}");
+        // The state holds no autograd graph (that would keep every past step in memory).
+        assert!(opt.state().values().all(|t| !t.track_op()));
+        let mut ema = Ema::new(&vars, 0.9)?;
+        ema.update(&vars)?;
+        assert!(ema.weights.values().all(|t| !t.track_op()));
         Ok(())
     }
 }

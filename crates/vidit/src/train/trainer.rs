@@ -21,6 +21,8 @@ pub struct TrainOptions {
     pub ema_decay: f64,
     pub checkpoint_every: usize,
     pub seed: u64,
+    /// Continue from the run folder's checkpoint.
+    pub resume: bool,
 }
 
 impl Default for TrainOptions {
@@ -32,6 +34,7 @@ impl Default for TrainOptions {
             ema_decay: 0.999,
             checkpoint_every: 200,
             seed: 0,
+            resume: false,
         }
     }
 }
@@ -141,13 +144,12 @@ impl Checkpoint {
 }
 
 /// Trains the variables of `varmap` for `options.steps` steps. `loss_fn(rng)` draws a batch from
-/// the data RNG and returns the scalar loss. With `resume`, continues from the run folder's
-/// checkpoint. `on_step` sees every step. Returns the EMA weights at the end.
+/// the data RNG and returns the scalar loss. With `options.resume`, continues from the run
+/// folder's checkpoint. `on_step` sees every step. Returns the EMA weights at the end.
 pub fn train(
     varmap: &VarMap,
     options: &TrainOptions,
     run: &RunDir,
-    resume: bool,
     mut loss_fn: impl FnMut(&mut ChaCha8Rng) -> Result<Tensor>,
     mut on_step: impl FnMut(&StepReport),
 ) -> Result<HashMap<String, Tensor>> {
@@ -156,7 +158,7 @@ pub fn train(
     let mut optimizer = AdamW::new(&vars, options.adamw)?;
     let mut ema = Ema::new(&vars, options.ema_decay)?;
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
-    if resume {
+    if options.resume {
         let path = run.checkpoint();
         if !path.exists() {
             return Err(input_error(format!("{}: no checkpoint to resume from", path.display())));
@@ -271,22 +273,21 @@ mod tests {
         copy_weights(&reference, &split)?;
         let run_ref = RunDir { root: dir.path().join("reference") };
         let mut losses = Vec::new();
-        let ema_ref = train(
-            &reference,
-            &options(20),
-            &run_ref,
-            false,
-            |rng| loss(&layer_ref, rng),
-            |r| losses.push(r.loss),
-        )?;
+        let ema_ref =
+            train(&reference, &options(20), &run_ref, |rng| loss(&layer_ref, rng), |r| losses.push(r.loss))?;
         assert!(losses[19] < 0.2 * losses[0], "loss {} -> {}", losses[0], losses[19]);
 
         // The same run stopped after 10 steps, then resumed into freshly built (random) weights.
         let run_split = RunDir { root: dir.path().join("split") };
-        train(&split, &options(10), &run_split, false, |rng| loss(&layer_split, rng), |_| {})?;
+        train(&split, &options(10), &run_split, |rng| loss(&layer_split, rng), |_| {})?;
         let (resumed, layer_resumed) = setup()?;
-        let ema_resumed =
-            train(&resumed, &options(20), &run_split, true, |rng| loss(&layer_resumed, rng), |_| {})?;
+        let ema_resumed = train(
+            &resumed,
+            &TrainOptions { resume: true, ..options(20) },
+            &run_split,
+            |rng| loss(&layer_resumed, rng),
+            |_| {},
+        )?;
         for (name, var) in vars_of(&reference) {
             assert_eq!(flat(var.as_tensor())?, flat(vars_of(&resumed)[&name].as_tensor())?, "{name}");
             assert_eq!(flat(&ema_ref[&name])?, flat(&ema_resumed[&name])?, "EMA {name}");
@@ -305,22 +306,33 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let run = RunDir { root: dir.path().to_path_buf() };
         let (varmap, layer) = setup()?;
-        train(&varmap, &options(5), &run, false, |rng| loss(&layer, rng), |_| {})?;
+        train(&varmap, &options(5), &run, |rng| loss(&layer, rng), |_| {})?;
         let saved = std::fs::read(run.checkpoint())?;
 
         let other = VarMap::new();
         let vb = VarBuilder::from_varmap(&other, DType::F32, &Device::Cpu);
         let wide = candle_nn::linear(4, 1, vb.pp("lin"))?;
-        let err =
-            train(&other, &options(10), &run, true, |_| Ok(wide.weight().sum_all()?), |_| {}).unwrap_err();
+        let err = train(
+            &other,
+            &TrainOptions { resume: true, ..options(10) },
+            &run,
+            |_| Ok(wide.weight().sum_all()?),
+            |_| {},
+        )
+        .unwrap_err();
         assert!(
             crate::error::is_input_error(&err) && err.to_string().contains("another model config"),
             "{err}"
         );
 
-        let err =
-            train(&varmap, &options(10), &run, true, |_| Ok(Tensor::new(f32::NAN, &Device::Cpu)?), |_| {})
-                .unwrap_err();
+        let err = train(
+            &varmap,
+            &TrainOptions { resume: true, ..options(10) },
+            &run,
+            |_| Ok(Tensor::new(f32::NAN, &Device::Cpu)?),
+            |_| {},
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("last good checkpoint"), "{err}");
         assert_eq!(std::fs::read(run.checkpoint())?, saved, "the good checkpoint is untouched");
         Ok(())

@@ -66,7 +66,6 @@ pub fn train_vae(
     data: &dyn ClipSource,
     options: &TrainOptions,
     run: &RunDir,
-    resume: bool,
     device: &Device,
     on_step: impl FnMut(&StepReport),
 ) -> Result<HashMap<String, Tensor>> {
@@ -80,5 +79,5 @@ pub fn train_vae(
         }
         vae_loss(&vae, &video, setup.kl_weight, rng.random())
     };
-    train(&varmap, options, run, resume, loss, on_step)
+    train(&varmap, options, run, loss, on_step)
 }

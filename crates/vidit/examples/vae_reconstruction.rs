@@ -1,0 +1,51 @@
+//! Reconstruction quality of a trained VAE on the shapes dataset: mean PSNR over clips, and a
+//! PNG strip (input | reconstruction, first and last frame) to look at.
+//!
+//!     cargo run --release -p vidit --example vae_reconstruction -- RUN/vae [CLIPS] [OUT_DIR/]
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use std::path::{Path, PathBuf};
+use vidit::model_folder::{load_config, MappedWeights};
+use vidit::models::wan_vae::AutoencoderKLWan;
+use vidit::train::builtin;
+use vidit::train::data::shapes::{ShapesDataset, Split};
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let dir = PathBuf::from(args.next().expect("usage: vae_reconstruction VAE_DIR [CLIPS] [OUT_DIR/]"));
+    let clips: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(16);
+    let out = args.next();
+    let device = Device::Cpu;
+    let vae = AutoencoderKLWan::new(
+        load_config(&dir.join("config.json"))?,
+        MappedWeights::var_builder(&dir, &device)?,
+    )?;
+    let data = ShapesDataset::new(Split::All, builtin::WIDTH, builtin::HEIGHT, builtin::FRAMES)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12345);
+    let (mut total, mut rows) = (0f64, Vec::new());
+    for i in 0..clips {
+        let (clip, _) = data.sample(&mut rng, &device)?; // (F, 3, H, W)
+        let x = clip.permute((1, 0, 2, 3))?.affine(2.0, -1.0)?.unsqueeze(0)?;
+        let recon = vae.decode(&vae.encode(&x)?.mean)?.squeeze(0)?.permute((1, 0, 2, 3))?.affine(0.5, 0.5)?;
+        let mse = (&recon - &clip)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+        total += -10.0 * mse.max(1e-10).log10();
+        if i < 6 {
+            let last = builtin::FRAMES - 1;
+            rows.push(Tensor::cat(&[clip.get(0)?, clip.get(last)?, recon.get(0)?, recon.get(last)?], 2)?);
+        }
+    }
+    println!(
+        "mean PSNR over {clips} clips of {}x{}x{}: {:.2} dB",
+        builtin::WIDTH,
+        builtin::HEIGHT,
+        builtin::FRAMES,
+        total / clips as f64
+    );
+    if let Some(out) = out {
+        let strip = Tensor::cat(&rows, 1)?.unsqueeze(0)?;
+        vidit::io::video::write_video(Path::new(&out), &strip, 1.0)?;
+    }
+    Ok(())
+}
