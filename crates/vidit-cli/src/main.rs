@@ -29,6 +29,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Ctrl-C during training: finish the step, write a checkpoint, exit (status 130).
+    let _ = ctrlc::set_handler(|| {
+        if vidit::train::trainer::STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130); // a second Ctrl-C does not wait
+        }
+    });
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
         Command::TrainVae(args) => train::run_vae(*args),
@@ -37,6 +43,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.downcast_ref::<vidit::train::trainer::Interrupted>().is_some() => {
+            eprintln!("{err}");
+            ExitCode::from(130)
+        }
         Err(err) => {
             // The user's mistakes get one line and status 2; internal failures the whole chain and 1.
             if vidit::error::is_input_error(&err) {

@@ -38,7 +38,9 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
     ]));
     let log = std::fs::read_to_string(vae_run.join("train_log.csv"))?;
     assert_eq!(log.lines().count(), 3, "header + 2 steps: {log}");
-    assert!(vae_run.join("vae/config.json").is_file() && vae_run.join("checkpoint.safetensors").is_file());
+    for file in ["vae/config.json", "checkpoint.safetensors", "loss.png"] {
+        assert!(vae_run.join(file).is_file(), "{file} missing");
+    }
 
     let dit_run = dir.path().join("dit-run");
     let vae_dir = vae_run.join("vae");
@@ -213,5 +215,36 @@ fn kill_during_training_leaves_a_loadable_checkpoint() -> Result<()> {
         last_step = ckpt.step;
     }
     assert!(last_step > 0);
+    Ok(())
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let run = dir.path().join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vidit"))
+        .args([
+            "train-vae",
+            "--out",
+            p(&run),
+            "--steps",
+            "100000",
+            "--checkpoint-every",
+            "100000",
+            "--batch-size",
+            "1",
+        ])
+        .args(["--frames", "1", "--crop", "32", "--quiet"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Let it take a few steps (the CSV gets a row per step, flushed at checkpoints only).
+    std::thread::sleep(Duration::from_millis(2500));
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
+    assert!(status.success());
+    let out = child.wait_with_output()?;
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("continue with --resume"));
+    let ckpt = vidit::train::trainer::Checkpoint::load(&run.join("checkpoint.safetensors"))?;
+    assert!(ckpt.step >= 1);
     Ok(())
 }

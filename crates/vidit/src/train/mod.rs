@@ -6,5 +6,6 @@ pub mod data;
 pub mod dit;
 pub mod objective;
 pub mod optim;
+pub mod plot;
 pub mod trainer;
 pub mod vae;

@@ -39,6 +39,17 @@ impl Default for TrainOptions {
     }
 }
 
+/// Set (by a Ctrl-C handler) to stop training after the current step with a checkpoint.
+pub static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Training stopped on request; the checkpoint of the last step is on disk.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted at step {step}: checkpoint saved to {path}; continue with --resume")]
+pub struct Interrupted {
+    pub step: usize,
+    pub path: String,
+}
+
 /// What one step reports to the caller (for a progress bar).
 pub struct StepReport {
     pub step: usize,
@@ -57,6 +68,9 @@ impl RunDir {
     }
     pub fn log(&self) -> PathBuf {
         self.root.join("train_log.csv")
+    }
+    pub fn loss_curve(&self) -> PathBuf {
+        self.root.join("loss.png")
     }
 }
 
@@ -196,9 +210,14 @@ pub fn train(
         let step = optimizer.step;
         writeln!(log, "{step},{value},{grad_norm},{:.3}", started.elapsed().as_secs_f64())?;
         on_step(&StepReport { step, loss: value, grad_norm });
-        if step % options.checkpoint_every == 0 || step == options.steps {
+        let stop = STOP.load(std::sync::atomic::Ordering::SeqCst);
+        if step % options.checkpoint_every == 0 || step == options.steps || stop {
             log.flush()?;
             save_checkpoint(&run.checkpoint(), &vars, &ema, &optimizer, &rng, options.seed)?;
+            super::plot::write_loss_curve(&run.log(), &run.loss_curve())?;
+        }
+        if stop {
+            return Err(Interrupted { step, path: run.checkpoint().display().to_string() }.into());
         }
     }
     log.flush()?;
