@@ -222,7 +222,7 @@ fn kill_during_training_leaves_a_loadable_checkpoint() -> Result<()> {
 fn ctrl_c_saves_a_checkpoint_and_exits() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let run = dir.path().join("run");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vidit"))
+    let child = Command::new(env!("CARGO_BIN_EXE_vidit"))
         .args([
             "train-vae",
             "--out",
