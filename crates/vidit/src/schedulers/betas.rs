@@ -116,3 +116,59 @@ impl BetaScheduleConfig {
         })
     }
 }
+
+/// The timestep bookkeeping DDPM and DDIM share: the schedule, the current step, and ᾱ at the
+/// current and the previous timestep.
+pub(crate) struct DiscreteSchedule {
+    pub config: BetaScheduleConfig,
+    alphas_cumprod: Vec<f32>,
+    pub timesteps: Vec<f32>,
+    /// σ = √((1 − ᾱ)/ᾱ) per step, then 0, for reporting.
+    pub sigmas: Vec<f32>,
+    step_index: usize,
+    num_steps: usize,
+}
+
+/// One step's position in the schedule.
+pub(crate) struct StepAlphas {
+    pub t: i64,
+    pub alpha_prod: f32,
+    pub alpha_prev: f32,
+}
+
+impl DiscreteSchedule {
+    pub fn new(config: BetaScheduleConfig) -> Result<Self> {
+        config.validate()?;
+        let alphas_cumprod = config.alphas_cumprod();
+        Ok(Self { config, alphas_cumprod, timesteps: vec![], sigmas: vec![], step_index: 0, num_steps: 0 })
+    }
+
+    pub fn set_timesteps(&mut self, steps: usize) -> Result<()> {
+        self.timesteps = self.config.timesteps(steps)?.into_iter().map(|t| t as f32).collect();
+        let ac = &self.alphas_cumprod;
+        self.sigmas =
+            self.timesteps.iter().map(|&t| ((1.0 - ac[t as usize]) / ac[t as usize]).sqrt()).collect();
+        self.sigmas.push(0.0);
+        self.num_steps = steps;
+        self.step_index = 0;
+        Ok(())
+    }
+
+    /// Advances to the next step; the previous timestep is t − N/steps, with ᾱ = `final_alpha`
+    /// before the start of the schedule.
+    pub fn advance(&mut self, final_alpha: Option<f32>) -> Result<StepAlphas> {
+        let Some(&t) = self.timesteps.get(self.step_index) else {
+            bail!("scheduler stepped past its last timestep")
+        };
+        self.step_index += 1;
+        let t = t as i64;
+        let prev = t - (self.config.num_train_timesteps / self.num_steps) as i64;
+        let alpha_prev =
+            if prev >= 0 { self.alphas_cumprod[prev as usize] } else { final_alpha.unwrap_or(1.0) };
+        Ok(StepAlphas { t, alpha_prod: self.alphas_cumprod[t as usize], alpha_prev })
+    }
+
+    pub fn first_alpha(&self) -> f32 {
+        self.alphas_cumprod[0]
+    }
+}

@@ -1,8 +1,8 @@
 //! `DDPMScheduler`: ancestral sampling from ε-predictions (posterior mean plus fresh noise of the
 //! "fixed_small" variance), for models trained with the DDPM objective.
 
-use super::betas::BetaScheduleConfig;
-use super::ddim::{predict_x0, sigmas_of};
+use super::betas::{BetaScheduleConfig, DiscreteSchedule};
+use super::ddim::predict_x0;
 use super::Scheduler;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -10,31 +10,16 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 pub struct DdpmScheduler {
-    config: BetaScheduleConfig,
-    alphas_cumprod: Vec<f32>,
-    timesteps: Vec<f32>,
-    sigmas: Vec<f32>,
-    step_index: usize,
-    num_steps: usize,
+    schedule: DiscreteSchedule,
     rng: ChaCha8Rng,
 }
 
 impl DdpmScheduler {
     pub fn new(config: BetaScheduleConfig) -> Result<Self> {
-        config.validate()?;
         if config.variance_type != "fixed_small" {
             bail!("variance_type `{}` is not supported (fixed_small)", config.variance_type);
         }
-        let alphas_cumprod = config.alphas_cumprod();
-        Ok(Self {
-            config,
-            alphas_cumprod,
-            timesteps: vec![],
-            sigmas: vec![],
-            step_index: 0,
-            num_steps: 0,
-            rng: ChaCha8Rng::seed_from_u64(0),
-        })
+        Ok(Self { schedule: DiscreteSchedule::new(config)?, rng: ChaCha8Rng::seed_from_u64(0) })
     }
 
     /// One step with the given noise (shaped like the sample), as diffusers computes it.
@@ -44,22 +29,15 @@ impl DdpmScheduler {
         sample: &Tensor,
         noise: &Tensor,
     ) -> Result<Tensor> {
-        let Some(&t) = self.timesteps.get(self.step_index) else {
-            bail!("scheduler stepped past its last timestep")
-        };
-        self.step_index += 1;
-        let t = t as i64;
-        let prev = t - (self.config.num_train_timesteps / self.num_steps) as i64;
-        let alpha_prod = self.alphas_cumprod[t as usize];
-        let alpha_prev = if prev >= 0 { self.alphas_cumprod[prev as usize] } else { 1.0 };
-        let (beta_prod, beta_prev) = (1.0 - alpha_prod, 1.0 - alpha_prev);
-        let current_alpha = alpha_prod / alpha_prev;
+        let a = self.schedule.advance(None)?;
+        let (beta_prod, beta_prev) = (1.0 - a.alpha_prod, 1.0 - a.alpha_prev);
+        let current_alpha = a.alpha_prod / a.alpha_prev;
         let current_beta = 1.0 - current_alpha;
-        let x0 = predict_x0(&self.config, sample, model_output, alpha_prod)?;
-        let x0_coeff = alpha_prev.sqrt() * current_beta / beta_prod;
+        let x0 = predict_x0(&self.schedule.config, sample, model_output, a.alpha_prod)?;
+        let x0_coeff = a.alpha_prev.sqrt() * current_beta / beta_prod;
         let sample_coeff = current_alpha.sqrt() * beta_prev / beta_prod;
         let mean = (x0.affine(x0_coeff as f64, 0.0)? + sample.affine(sample_coeff as f64, 0.0)?)?;
-        if t == 0 {
+        if a.t == 0 {
             return Ok(mean);
         }
         let variance = (beta_prev / beta_prod * current_beta).max(1e-20);
@@ -69,19 +47,15 @@ impl DdpmScheduler {
 
 impl Scheduler for DdpmScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        self.timesteps = self.config.timesteps(num_inference_steps)?.into_iter().map(|t| t as f32).collect();
-        self.sigmas = sigmas_of(&self.alphas_cumprod, &self.timesteps);
-        self.num_steps = num_inference_steps;
-        self.step_index = 0;
-        Ok(())
+        self.schedule.set_timesteps(num_inference_steps)
     }
 
     fn timesteps(&self) -> &[f32] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.schedule.sigmas
     }
 
     fn seed(&mut self, seed: u64) {
