@@ -20,6 +20,14 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// A 2-step `vidit train` on a 2-clip pool, with `extra` flags.
+fn train_dit(vae: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec!["train", "--vae", p(vae), "--out", p(out), "--steps", "2", "--batch-size", "2"];
+    args.extend(["--pool", "2", "--quiet"]);
+    args.extend(extra);
+    ok(vidit(&args));
+}
+
 #[test]
 fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -44,20 +52,7 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
 
     let dit_run = dir.path().join("dit-run");
     let vae_dir = vae_run.join("vae");
-    ok(vidit(&[
-        "train",
-        "--vae",
-        p(&vae_dir),
-        "--out",
-        p(&dit_run),
-        "--steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--pool",
-        "2",
-        "--quiet",
-    ]));
+    train_dit(&vae_dir, &dit_run, &[]);
     let model = dit_run.join("model");
     for file in [
         "model_index.json",
@@ -116,22 +111,7 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
 
     // The DDPM objective trains an ε-prediction model that samples with DDIM (its config) or DDPM.
     let ddpm_run = dir.path().join("ddpm-run");
-    ok(vidit(&[
-        "train",
-        "--vae",
-        p(&vae_dir),
-        "--out",
-        p(&ddpm_run),
-        "--objective",
-        "ddpm",
-        "--steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--pool",
-        "2",
-        "--quiet",
-    ]));
+    train_dit(&vae_dir, &ddpm_run, &["--objective", "ddpm"]);
     let scheduler = std::fs::read_to_string(ddpm_run.join("model/scheduler/scheduler_config.json"))?;
     assert!(scheduler.contains("DDIMScheduler"), "{scheduler}");
     for sampler in ["ddim", "ddpm"] {
