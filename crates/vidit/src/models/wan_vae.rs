@@ -4,10 +4,11 @@
 //! convolution's input across chunks, so memory does not grow with the clip's length.
 
 use super::layers::attention::sdpa;
+use super::layers::conv2d::Conv2d;
 use super::layers::conv3d::CausalConv3d;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Module, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 /// How many trailing frames each causal convolution keeps for the next chunk.
@@ -74,6 +75,17 @@ impl WanVaeConfig {
         }
         if self.latents_mean.len() != self.z_dim || self.latents_std.len() != self.z_dim {
             bail!("keys `latents_mean` and `latents_std` must have z_dim ({}) entries", self.z_dim);
+        }
+        // The pipeline sizes latents by these keys; the network's compression is fixed by the stages.
+        let spatial = 1 << self.temperal_downsample.len();
+        let temporal = 1 << self.temperal_downsample.iter().filter(|&&t| t).count();
+        if self.spatial_factor() != spatial || self.temporal_factor() != temporal {
+            bail!(
+                "keys `scale_factor_spatial` {} / `scale_factor_temporal` {} do not match the {spatial}x / \
+                 {temporal}x compression that `temperal_downsample` builds",
+                self.spatial_factor(),
+                self.temporal_factor()
+            );
         }
         Ok(())
     }
@@ -164,18 +176,6 @@ impl RmsNormChannels {
     }
 }
 
-fn conv2d(
-    in_c: usize,
-    out_c: usize,
-    k: usize,
-    padding: usize,
-    stride: usize,
-    vb: VarBuilder,
-) -> Result<Conv2d> {
-    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    Ok(candle_nn::conv2d(in_c, out_c, k, cfg, vb)?)
-}
-
 /// Applies a per-frame 2-D op to `(B, C, T, H, W)`.
 fn per_frame(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let (b, c, t, h, w) = x.dims5()?;
@@ -232,8 +232,8 @@ impl AttentionBlock {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             norm: RmsNormChannels::new(dim, 4, vb.pp("norm"))?,
-            to_qkv: conv2d(dim, dim * 3, 1, 0, 1, vb.pp("to_qkv"))?,
-            proj: conv2d(dim, dim, 1, 0, 1, vb.pp("proj"))?,
+            to_qkv: Conv2d::new(dim, dim * 3, 1, 0, 1, vb.pp("to_qkv"))?,
+            proj: Conv2d::new(dim, dim, 1, 0, 1, vb.pp("proj"))?,
         })
     }
 
@@ -290,7 +290,7 @@ struct Resample {
 
 impl Resample {
     fn upsample(dim: usize, temporal: bool, vb: VarBuilder) -> Result<Self> {
-        let conv = conv2d(dim, dim / 2, 3, 1, 1, vb.pp("resample.1"))?;
+        let conv = Conv2d::new(dim, dim / 2, 3, 1, 1, vb.pp("resample.1"))?;
         let mode = if temporal {
             ResampleMode::Up3d(CausalConv3d::new(dim, dim * 2, (3, 1, 1), 1, (1, 0, 0), vb.pp("time_conv"))?)
         } else {
@@ -300,7 +300,7 @@ impl Resample {
     }
 
     fn downsample(dim: usize, temporal: bool, vb: VarBuilder) -> Result<Self> {
-        let conv = conv2d(dim, dim, 3, 0, 2, vb.pp("resample.1"))?;
+        let conv = Conv2d::new(dim, dim, 3, 0, 2, vb.pp("resample.1"))?;
         let mode = if temporal {
             ResampleMode::Down3d(CausalConv3d::new(dim, dim, (3, 1, 1), 2, (0, 0, 0), vb.pp("time_conv"))?)
         } else {

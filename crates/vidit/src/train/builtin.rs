@@ -35,21 +35,27 @@ pub fn generation_config() -> GenerationConfig {
     }
 }
 
+/// 4× spatial and 4× temporal compression (Wan's own VAE compresses 8× spatially): the shapes
+/// are 14–20 px, and at 8× their corners, which tell a square from a circle, were lost.
 pub fn vae_config() -> WanVaeConfig {
     WanVaeConfig {
         base_dim: 8,
         z_dim: 8,
-        dim_mult: vec![1, 2, 2, 4],
+        dim_mult: vec![1, 2, 4],
         num_res_blocks: 1,
-        temperal_downsample: vec![false, true, true],
+        temperal_downsample: vec![true, true],
+        scale_factor_spatial: Some(4),
+        scale_factor_temporal: Some(4),
         latents_mean: vec![0.0; 8],
         latents_std: vec![1.0; 8],
         ..Default::default()
     }
 }
 
+/// (1, 4, 4) patches over the 16×16 latents: 16 tokens per latent frame, 80 per clip.
 pub fn transformer_config(z_dim: usize, text_dim: usize) -> WanTransformerConfig {
     WanTransformerConfig {
+        patch_size: [1, 4, 4],
         num_attention_heads: 4,
         attention_head_dim: 32,
         in_channels: z_dim,

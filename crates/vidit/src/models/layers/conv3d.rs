@@ -3,6 +3,7 @@
 //! All temporal padding goes in front (zeros), so output frame t sees input frames ≤ t only. The
 //! `kt` temporal taps are folded into the channel axis, so one conv2d computes every tap at once.
 
+use super::conv2d::conv2d;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 use candle_nn::init::{DEFAULT_KAIMING_UNIFORM, ZERO};
@@ -71,12 +72,12 @@ impl CausalConv3d {
             .permute((0, 3, 1, 2, 4, 5))? // (B, T_out, C, kt, H, W)
             .reshape((b * t_out, c * self.kt, h, w))?;
         let frames = if self.pad_h == self.pad_w {
-            frames.conv2d(&self.weight, self.pad_h, 1, 1, 1)?
+            conv2d(&frames, &self.weight, self.pad_h, 1)?
         } else {
-            frames
+            let padded = frames
                 .pad_with_zeros(D::Minus2, self.pad_h, self.pad_h)?
-                .pad_with_zeros(D::Minus1, self.pad_w, self.pad_w)?
-                .conv2d(&self.weight, 0, 1, 1, 1)?
+                .pad_with_zeros(D::Minus1, self.pad_w, self.pad_w)?;
+            conv2d(&padded, &self.weight, 0, 1)?
         };
         let (_, o, ho, wo) = frames.dims4()?;
         let y = frames.broadcast_add(&self.bias.reshape((1, o, 1, 1))?)?;

@@ -1,6 +1,7 @@
 //! Building blocks shared by the models.
 
 pub mod attention;
+pub mod conv2d;
 pub mod conv3d;
 pub mod norm;
 
