@@ -7,6 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use vidit::error::input_error;
+use vidit::io::media::Resize;
 use vidit::io::video::{check_writable, write_video, OutputFormat};
 use vidit::pipelines::wan::WanConfigs;
 use vidit::pipelines::{TextToVideo, WanModel};
@@ -209,7 +210,7 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, TextToVideo, Device, f64
         seed: args.seed.unwrap_or_else(random_seed),
         init_latents: None,
         first_frame: match &args.image {
-            Some(path) => Some(vidit::io::frames::read_image(path, s.width, s.height, &device)?),
+            Some(path) => Some(vidit::io::media::read_image(path, s.width, s.height, Resize::Crop, &device)?),
             None => None,
         },
     };

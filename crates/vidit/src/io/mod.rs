@@ -3,5 +3,6 @@
 
 pub mod atomic;
 pub mod frames;
+pub mod media;
 pub mod tensors;
 pub mod video;

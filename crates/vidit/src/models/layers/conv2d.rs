@@ -116,7 +116,7 @@ fn grad_input(x: &Tensor, weight: &Tensor, grad: &Tensor, padding: usize, stride
     let (ph, pw) = (kh - 1 - padding, kw - 1 - padding);
     let g = g.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?;
     let gx = g.conv2d(&turned, 0, 1, 1, 1)?; // (B, C, H − r, W − r)
-    // Rows and columns the strided forward never reached get zero gradient.
+                                             // Rows and columns the strided forward never reached get zero gradient.
     let (_, _, gh, gw) = gx.dims4()?;
     Ok(gx.pad_with_zeros(2, 0, h - gh)?.pad_with_zeros(3, 0, w - gw)?)
 }

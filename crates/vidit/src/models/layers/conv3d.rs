@@ -74,9 +74,11 @@ impl CausalConv3d {
         let frames = if self.pad_h == self.pad_w {
             conv2d(&frames, &self.weight, self.pad_h, 1)?
         } else {
-            let padded = frames
-                .pad_with_zeros(D::Minus2, self.pad_h, self.pad_h)?
-                .pad_with_zeros(D::Minus1, self.pad_w, self.pad_w)?;
+            let padded = frames.pad_with_zeros(D::Minus2, self.pad_h, self.pad_h)?.pad_with_zeros(
+                D::Minus1,
+                self.pad_w,
+                self.pad_w,
+            )?;
             conv2d(&padded, &self.weight, 0, 1)?
         };
         let (_, o, ho, wo) = frames.dims4()?;
