@@ -10,7 +10,9 @@ use vidit::error::input_error;
 use vidit::model_folder::{load_config, MappedWeights};
 use vidit::models::wan_vae::{AutoencoderKLWan, WanVaeConfig};
 use vidit::train::builtin;
+use vidit::train::data::folder::FolderDataset;
 use vidit::train::data::shapes::{ShapesDataset, Split};
+use vidit::train::data::ClipSource;
 use vidit::train::dit::{train_dit, DitTraining, LatentPool};
 use vidit::train::objective::Objective;
 use vidit::train::optim::AdamWConfig;
@@ -43,6 +45,10 @@ pub struct CommonArgs {
     checkpoint_every: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A folder of your own clips (.mp4, .gif, PNG-frame folders) listed in captions.jsonl
+    /// (lines {"file": ..., "caption": ...}); default: the built-in shapes dataset.
+    #[arg(long)]
+    data: Option<PathBuf>,
     /// Continue from the run folder's checkpoint.
     #[arg(long)]
     resume: bool,
@@ -80,6 +86,15 @@ impl CommonArgs {
         Ok(RunDir { root: self.out.clone() })
     }
 
+    /// The training clips, `frames` long at the built-in model's size and frame rate.
+    fn dataset(&self, frames: usize) -> Result<Box<dyn ClipSource>> {
+        let (w, h) = (builtin::WIDTH, builtin::HEIGHT);
+        Ok(match &self.data {
+            Some(dir) => Box::new(FolderDataset::load(dir, w, h, frames, builtin::FPS)?),
+            None => Box::new(ShapesDataset::new(Split::Train, w, h, frames)?),
+        })
+    }
+
     fn progress(&self) -> (ProgressBar, impl FnMut(&StepReport)) {
         let bar = if self.quiet { ProgressBar::hidden() } else { ProgressBar::new(self.steps as u64) };
         bar.set_style(
@@ -115,7 +130,7 @@ pub fn run_vae(args: TrainVaeArgs) -> Result<()> {
         return Err(input_error(format!("--frames {}: must be of the form 4k+1", args.frames)));
     }
     let run = args.common.run_dir()?;
-    let data = ShapesDataset::new(Split::Train, builtin::WIDTH, builtin::HEIGHT, args.frames)?;
+    let data = args.common.dataset(args.frames)?;
     let setup = VaeTraining {
         config: builtin::vae_config(),
         batch_size: args.common.batch_size.unwrap_or(8),
@@ -124,7 +139,7 @@ pub fn run_vae(args: TrainVaeArgs) -> Result<()> {
     };
     let (bar, on_step) = args.common.progress();
     let started = std::time::Instant::now();
-    let weights = train_vae(&setup, &data, &options, &run, &Device::Cpu, on_step)?;
+    let weights = train_vae(&setup, data.as_ref(), &options, &run, &Device::Cpu, on_step)?;
     bar.finish_and_clear();
     let dir = run.root.join("vae");
     vidit::model_folder::save_component(
@@ -174,9 +189,8 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
     let vae_config: WanVaeConfig = load_config(&args.vae.join("config.json"))?;
     let vae = AutoencoderKLWan::new(vae_config.clone(), MappedWeights::var_builder(&args.vae, &device)?)
         .map_err(|e| input_error(format!("{}: {e:#}", args.vae.display())))?;
-    let data = ShapesDataset::new(Split::Train, builtin::WIDTH, builtin::HEIGHT, builtin::FRAMES)?;
-    let words = builtin::shapes_vocabulary();
-    let tokenizer = builtin::word_tokenizer(&words)?;
+    let data = args.common.dataset(builtin::FRAMES)?;
+    let tokenizer = builtin::word_tokenizer(&data.vocabulary())?;
     let generation = builtin::generation_config();
     let setup = DitTraining {
         transformer: builtin::transformer_config(vae_config.z_dim, 64),
@@ -195,7 +209,7 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
     if !args.common.quiet {
         eprintln!("encoding {} clips into the latent pool", setup.pool_size);
     }
-    let pool = LatentPool::encode(&vae, &data, setup.pool_size, setup.pool_seed, &device)?;
+    let pool = LatentPool::encode(&vae, data.as_ref(), setup.pool_size, setup.pool_seed, &device)?;
     if !args.common.quiet {
         eprintln!("pool ready ({:.0}s)", started.elapsed().as_secs_f64());
     }

@@ -228,3 +228,28 @@ fn ctrl_c_saves_a_checkpoint_and_exits() -> Result<()> {
     assert!(ckpt.step >= 1);
     Ok(())
 }
+
+#[test]
+fn trains_on_a_folder_of_clips_and_names_what_it_skips() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("clips");
+    std::fs::create_dir(&data)?;
+    let clip = vidit::noise::randn(4, &[6, 3, 40, 56], &candle_core::Device::Cpu)?.affine(0.2, 0.5)?;
+    vidit::io::video::write_video(&data.join("mine.mp4"), &clip.clamp(0f32, 1f32)?, 8.0)?;
+    std::fs::write(data.join("bad.gif"), b"GIF89a truncated")?;
+    std::fs::write(
+        data.join("captions.jsonl"),
+        "{\"file\": \"mine.mp4\", \"caption\": \"my own clip\"}\n{\"file\": \"bad.gif\", \"caption\": \"broken\"}\n",
+    )?;
+    let run = dir.path().join("run");
+    let args = ["train-vae", "--data", p(&data), "--out", p(&run), "--steps", "1", "--batch-size", "1"];
+    let log = ok(vidit(&[&args[..], &["--frames", "5", "--quiet"]].concat()));
+    assert!(log.contains("warning: skipped") && log.contains("bad.gif"), "{log}");
+    assert!(run.join("vae/config.json").exists());
+
+    std::fs::remove_file(data.join("captions.jsonl"))?;
+    let bad = vidit(&[&args[..], &["--frames", "5", "--quiet"]].concat());
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("captions.jsonl"));
+    Ok(())
+}

@@ -82,10 +82,10 @@ pub fn text_encoder_config(vocab_size: usize) -> Umt5Config {
 
 /// A word-level tokenizer over `words` (lower-cased, split on whitespace), with `<pad>` = 0,
 /// `</s>` = 1 appended to every sequence, and `<unk>` = 2, as T5 tokenizers number them.
-pub fn word_tokenizer(words: &[&str]) -> Result<Tokenizer> {
+pub fn word_tokenizer(words: &[String]) -> Result<Tokenizer> {
     let specials = ["<pad>", "</s>", "<unk>"];
     let mut vocab = serde_json::Map::new();
-    for (i, w) in specials.iter().chain(words).enumerate() {
+    for (i, w) in specials.iter().copied().chain(words.iter().map(String::as_str)).enumerate() {
         vocab.entry(w.to_string()).or_insert(i.into());
     }
     let added: Vec<serde_json::Value> = specials
@@ -114,16 +114,6 @@ pub fn word_tokenizer(words: &[&str]) -> Result<Tokenizer> {
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
     });
     Tokenizer::from_str(&json.to_string()).map_err(|e| anyhow!("building the word-level tokenizer: {e}"))
-}
-
-/// The words of the shapes grammar.
-pub fn shapes_vocabulary() -> Vec<&'static str> {
-    use super::data::shapes::{COLORS, DIRECTIONS, SHAPES};
-    let mut words = vec!["a", "moving"];
-    words.extend(COLORS.iter().map(|(n, _)| *n));
-    words.extend(SHAPES);
-    words.extend(DIRECTIONS.iter().map(|(n, _)| *n));
-    words
 }
 
 /// The scheduler config a model trained with `objective` samples with: UniPC with flow sigmas
@@ -214,7 +204,7 @@ mod tests {
 
     #[test]
     fn word_tokenizer_appends_eos_and_flags_unknown_words() -> Result<()> {
-        let tok = word_tokenizer(&shapes_vocabulary())?;
+        let tok = word_tokenizer(&crate::train::data::shapes::vocabulary())?;
         let enc = tok.encode("a Red circle moving left", true).map_err(|e| anyhow!("{e}"))?;
         let ids = enc.get_ids();
         assert_eq!(ids.len(), 6);

@@ -1,5 +1,6 @@
 //! Training data: (clip, caption) pairs.
 
+pub mod folder;
 pub mod shapes;
 
 use anyhow::Result;
@@ -10,12 +11,19 @@ use rand_chacha::ChaCha8Rng;
 pub trait ClipSource {
     /// A clip `(F, 3, H, W)` in [0, 1] and its caption.
     fn sample(&self, rng: &mut ChaCha8Rng, device: &Device) -> Result<(Tensor, String)>;
+
+    /// The (lower-cased) words of its captions: the text encoder's vocabulary.
+    fn vocabulary(&self) -> Vec<String>;
 }
 
 impl ClipSource for shapes::ShapesDataset {
     fn sample(&self, rng: &mut ChaCha8Rng, device: &Device) -> Result<(Tensor, String)> {
         let (clip, combo) = shapes::ShapesDataset::sample(self, rng, device)?;
         Ok((clip, combo.caption()))
+    }
+
+    fn vocabulary(&self) -> Vec<String> {
+        shapes::vocabulary()
     }
 }
 

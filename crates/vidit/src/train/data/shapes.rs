@@ -221,6 +221,15 @@ pub struct Analysis {
     pub last_centroid: [f32; 2],
 }
 
+/// The words of the grammar.
+pub fn vocabulary() -> Vec<String> {
+    let mut words = vec!["a", "moving"];
+    words.extend(COLORS.iter().map(|(n, _)| *n));
+    words.extend(SHAPES);
+    words.extend(DIRECTIONS.iter().map(|(n, _)| *n));
+    words.into_iter().map(String::from).collect()
+}
+
 /// Reads colour, shape and direction off a clip `(F, 3, H, W)` in [0, 1], deterministically:
 /// colour = nearest palette entry to the mean colour of bright pixels; shape = how much of its
 /// bounding box the shape fills (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2); direction = the larger
