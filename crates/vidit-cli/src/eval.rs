@@ -109,17 +109,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
         for i in 0..args.n {
             let combo = pool[i % pool.len()];
             let request = TextToVideo {
-                prompt: combo.caption(),
-                negative_prompt: String::new(),
-                height: g.height,
-                width: g.width,
-                num_frames: g.num_frames,
                 num_inference_steps: args.steps.unwrap_or(g.num_inference_steps),
                 guidance_scale: args.guidance.unwrap_or(g.guidance_scale),
-                max_sequence_length: g.max_sequence_length,
-                seed: args.seed.wrapping_add((split * args.n + i) as u64),
-                init_latents: None,
-                first_frame: None,
+                ..TextToVideo::with_defaults(
+                    combo.caption(),
+                    &g,
+                    args.seed.wrapping_add((split * args.n + i) as u64),
+                )
             };
             let mut scheduler = from_config_file(&model.scheduler_config, None, None)?;
             let output = request.run(&model, scheduler.as_mut(), |_, _| {})?;

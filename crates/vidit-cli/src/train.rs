@@ -3,21 +3,26 @@
 
 use anyhow::Result;
 use candle_core::Device;
+use candle_core::Tensor;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use vidit::error::input_error;
+use vidit::io::video::write_video;
 use vidit::model_folder::{load_config, MappedWeights};
 use vidit::models::wan_vae::{AutoencoderKLWan, WanVaeConfig};
+use vidit::pipelines::{TextToVideo, WanModel};
+use vidit::schedulers::from_config_file;
 use vidit::train::builtin;
 use vidit::train::data::folder::FolderDataset;
 use vidit::train::data::shapes::{ShapesDataset, Split};
-use vidit::train::data::ClipSource;
-use vidit::train::dit::{train_dit, DitTraining, LatentPool};
+use vidit::train::data::{fixed_sample, ClipSource};
+use vidit::train::dit::{train_dit, DitTraining, DitWeights, LatentPool};
 use vidit::train::objective::Objective;
 use vidit::train::optim::AdamWConfig;
-use vidit::train::trainer::{RunDir, StepReport, TrainOptions};
-use vidit::train::vae::{train_vae, VaeTraining};
+use vidit::train::trainer::{RunDir, StepReport, TrainOptions, WithCheckpoints};
+use vidit::train::vae::{reconstruction_strip, train_vae, VaeTraining};
 
 /// Options shared by both trainers.
 #[derive(Args)]
@@ -139,7 +144,14 @@ pub fn run_vae(args: TrainVaeArgs) -> Result<()> {
     };
     let (bar, on_step) = args.common.progress();
     let started = std::time::Instant::now();
-    let weights = train_vae(&setup, data.as_ref(), &options, &run, &Device::Cpu, on_step)?;
+    // At each checkpoint: one clip beside its reconstruction by the EMA weights.
+    let (probe, _) = fixed_sample(data.as_ref(), 7, &Device::Cpu)?;
+    let samples = |step: usize, ema: &HashMap<String, Tensor>| -> Result<()> {
+        let strip = reconstruction_strip(&setup.config, ema, &probe)?;
+        write_video(&run.sample(step, "reconstruction")?, &strip, builtin::FPS)
+    };
+    let observer = WithCheckpoints(on_step, samples);
+    let weights = train_vae(&setup, data.as_ref(), &options, &run, &Device::Cpu, observer)?;
     bar.finish_and_clear();
     let dir = run.root.join("vae");
     vidit::model_folder::save_component(
@@ -213,31 +225,54 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
     if !args.common.quiet {
         eprintln!("pool ready ({:.0}s)", started.elapsed().as_secs_f64());
     }
-    let (bar, on_step) = args.common.progress();
-    let weights = train_dit(&setup, &pool, &tokenizer, &options, &run, &device, on_step)?;
-    bar.finish_and_clear();
-
     let vae_weights = candle_core::safetensors::load(
         vidit::model_folder::weight_files(&args.vae)?.first().expect("weight_files returns at least one"),
         &device,
     )?;
     let vae_config =
         WanVaeConfig { latents_mean: pool.mean.clone(), latents_std: pool.std.clone(), ..vae_config };
+    let scheduler = builtin::scheduler_config(setup.objective)?;
     let model_dir = run.root.join("model");
-    builtin::write_model_folder(
-        &model_dir,
-        &builtin::ModelParts {
-            vae: &vae_config,
-            vae_weights: &vae_weights,
-            transformer: &setup.transformer,
-            transformer_weights: &weights.transformer,
-            text_encoder: &setup.text_encoder,
-            text_encoder_weights: &weights.text_encoder,
-            tokenizer: &tokenizer,
-            scheduler: &builtin::scheduler_config(setup.objective)?,
-            generation: &generation,
-        },
-    )?;
+    let write_model = |weights: &DitWeights| {
+        builtin::write_model_folder(
+            &model_dir,
+            &builtin::ModelParts {
+                vae: &vae_config,
+                vae_weights: &vae_weights,
+                transformer: &setup.transformer,
+                transformer_weights: &weights.transformer,
+                text_encoder: &setup.text_encoder,
+                text_encoder_weights: &weights.text_encoder,
+                tokenizer: &tokenizer,
+                scheduler: &scheduler,
+                generation: &generation,
+            },
+        )
+    };
+    // At each checkpoint: the model folder from the EMA weights, and clips it generates for the
+    // first two captions of the pool.
+    let mut prompts: Vec<&String> = pool.captions.iter().collect();
+    prompts.dedup();
+    prompts.truncate(2);
+    let samples = |step: usize, ema: &HashMap<String, Tensor>| -> Result<()> {
+        write_model(&DitWeights::split(ema))?;
+        let model = WanModel::open(&model_dir, &device)?;
+        for (i, prompt) in prompts.iter().enumerate() {
+            let mut scheduler = from_config_file(&model.scheduler_config, None, None)?;
+            let output = TextToVideo::with_defaults(*prompt, &model.generation, 0).run(
+                &model,
+                scheduler.as_mut(),
+                |_, _| {},
+            )?;
+            write_video(&run.sample(step, &format!("prompt{i}"))?, &output.frames, generation.fps)?;
+        }
+        Ok(())
+    };
+    let (bar, on_step) = args.common.progress();
+    let weights =
+        train_dit(&setup, &pool, &tokenizer, &options, &run, &device, WithCheckpoints(on_step, samples))?;
+    bar.finish_and_clear();
+    write_model(&weights)?;
     if !args.common.quiet {
         eprintln!("wrote {} ({:.0}s)", model_dir.display(), started.elapsed().as_secs_f64());
     }

@@ -1,7 +1,7 @@
 //! Text-to-video, as diffusers' `WanPipeline`: encode the prompt (and the negative prompt for
 //! classifier-free guidance), denoise Gaussian latents step by step, de-normalise, VAE-decode.
 
-use super::wan::WanModel;
+use super::wan::{GenerationConfig, WanModel};
 use crate::schedulers::Scheduler;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -33,6 +33,23 @@ pub struct TextToVideoOutput {
 }
 
 impl TextToVideo {
+    /// A text-to-video request with a model's generation defaults.
+    pub fn with_defaults(prompt: impl Into<String>, defaults: &GenerationConfig, seed: u64) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            height: defaults.height,
+            width: defaults.width,
+            num_frames: defaults.num_frames,
+            num_inference_steps: defaults.num_inference_steps,
+            guidance_scale: defaults.guidance_scale,
+            max_sequence_length: defaults.max_sequence_length,
+            seed,
+            init_latents: None,
+            first_frame: None,
+        }
+    }
+
     /// The latent shape `(1, C, T, h, w)` for this request.
     pub fn latent_shape(&self, model: &WanModel) -> [usize; 5] {
         let vae = &model.vae.config;

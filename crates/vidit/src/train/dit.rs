@@ -7,7 +7,7 @@
 
 use super::data::{batch, ClipSource};
 use super::objective::{masked_mse, FrameCondition, Objective};
-use super::trainer::{train, RunDir, StepReport, TrainOptions};
+use super::trainer::{train, Observer, RunDir, TrainOptions};
 use crate::models::umt5::{zero_padding, Umt5Config, Umt5EncoderModel};
 use crate::models::wan_transformer::{WanTransformer3DModel, WanTransformerConfig};
 use crate::models::wan_vae::AutoencoderKLWan;
@@ -88,7 +88,7 @@ pub fn train_dit(
     options: &TrainOptions,
     run: &RunDir,
     device: &Device,
-    on_step: impl FnMut(&StepReport),
+    observer: impl Observer,
 ) -> Result<DitWeights> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
@@ -119,10 +119,16 @@ pub fn train_dit(
         let prediction = transformer.forward(&noised.inputs, &noised.timesteps, &context)?;
         masked_mse(&prediction, &noised.target, &noised.loss_mask)
     };
-    let weights = train(&varmap, options, run, loss, on_step)?;
-    let split = |prefix: &str| -> HashMap<String, Tensor> {
-        let p = format!("{prefix}.");
-        weights.iter().filter_map(|(k, v)| Some((k.strip_prefix(&p)?.to_string(), v.clone()))).collect()
-    };
-    Ok(DitWeights { transformer: split("transformer"), text_encoder: split("text_encoder") })
+    Ok(DitWeights::split(&train(&varmap, options, run, loss, observer)?))
+}
+
+impl DitWeights {
+    /// Splits the jointly trained weights (`transformer.*`, `text_encoder.*`) by component.
+    pub fn split(weights: &HashMap<String, Tensor>) -> Self {
+        let part = |prefix: &str| -> HashMap<String, Tensor> {
+            let p = format!("{prefix}.");
+            weights.iter().filter_map(|(k, v)| Some((k.strip_prefix(&p)?.to_string(), v.clone()))).collect()
+        };
+        Self { transformer: part("transformer"), text_encoder: part("text_encoder") }
+    }
 }

@@ -57,6 +57,39 @@ pub struct StepReport {
     pub grad_norm: f64,
 }
 
+/// Watches a run: every step (a progress bar), and every checkpoint with the EMA weights
+/// (sample clips). A closure over `&StepReport` watches steps only.
+pub trait Observer {
+    fn step(&mut self, report: &StepReport);
+
+    fn checkpoint(&mut self, _step: usize, _ema_weights: &HashMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl<F: FnMut(&StepReport)> Observer for F {
+    fn step(&mut self, report: &StepReport) {
+        self(report)
+    }
+}
+
+/// An observer from a progress closure and a checkpoint closure.
+pub struct WithCheckpoints<P, C>(pub P, pub C);
+
+impl<P, C> Observer for WithCheckpoints<P, C>
+where
+    P: FnMut(&StepReport),
+    C: FnMut(usize, &HashMap<String, Tensor>) -> Result<()>,
+{
+    fn step(&mut self, report: &StepReport) {
+        (self.0)(report)
+    }
+
+    fn checkpoint(&mut self, step: usize, ema_weights: &HashMap<String, Tensor>) -> Result<()> {
+        (self.1)(step, ema_weights)
+    }
+}
+
 /// Where a run keeps its state.
 pub struct RunDir {
     pub root: PathBuf,
@@ -69,6 +102,13 @@ impl RunDir {
     pub fn log(&self) -> PathBuf {
         self.root.join("train_log.csv")
     }
+    /// Sample clips rendered at checkpoints.
+    pub fn sample(&self, step: usize, name: &str) -> Result<PathBuf> {
+        let dir = self.root.join("samples");
+        std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        Ok(dir.join(format!("step{step:06}_{name}.gif")))
+    }
+
     pub fn loss_curve(&self) -> PathBuf {
         self.root.join("loss.png")
     }
@@ -165,7 +205,7 @@ pub fn train(
     options: &TrainOptions,
     run: &RunDir,
     mut loss_fn: impl FnMut(&mut ChaCha8Rng) -> Result<Tensor>,
-    mut on_step: impl FnMut(&StepReport),
+    mut observer: impl Observer,
 ) -> Result<HashMap<String, Tensor>> {
     std::fs::create_dir_all(&run.root).with_context(|| format!("{}: cannot create", run.root.display()))?;
     let vars = vars_of(varmap);
@@ -209,12 +249,13 @@ pub fn train(
         ema.update(&vars)?;
         let step = optimizer.step;
         writeln!(log, "{step},{value},{grad_norm},{:.3}", started.elapsed().as_secs_f64())?;
-        on_step(&StepReport { step, loss: value, grad_norm });
+        observer.step(&StepReport { step, loss: value, grad_norm });
         let stop = STOP.load(std::sync::atomic::Ordering::SeqCst);
         if step % options.checkpoint_every == 0 || step == options.steps || stop {
             log.flush()?;
             save_checkpoint(&run.checkpoint(), &vars, &ema, &optimizer, &rng, options.seed)?;
             super::plot::write_loss_curve(&run.log(), &run.loss_curve())?;
+            observer.checkpoint(step, &ema.weights)?;
         }
         if stop {
             return Err(Interrupted { step, path: run.checkpoint().display().to_string() }.into());

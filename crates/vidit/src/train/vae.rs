@@ -2,7 +2,7 @@
 //! small in synthetic clips) plus a small KL term.
 
 use super::data::{batch, ClipSource};
-use super::trainer::{train, RunDir, StepReport, TrainOptions};
+use super::trainer::{train, Observer, RunDir, TrainOptions};
 use crate::models::wan_vae::{AutoencoderKLWan, WanVaeConfig};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -67,7 +67,7 @@ pub fn train_vae(
     options: &TrainOptions,
     run: &RunDir,
     device: &Device,
-    on_step: impl FnMut(&StepReport),
+    observer: impl Observer,
 ) -> Result<HashMap<String, Tensor>> {
     let varmap = VarMap::new();
     let vae =
@@ -79,5 +79,21 @@ pub fn train_vae(
         }
         vae_loss(&vae, &video, setup.kl_weight, rng.random())
     };
-    train(&varmap, options, run, loss, on_step)
+    train(&varmap, options, run, loss, observer)
+}
+
+/// Input beside its reconstruction by the VAE with `weights`: `(F, 3, H, 2W)` in [0, 1] from a
+/// clip `(F, 3, H, W)` in [0, 1].
+pub fn reconstruction_strip(
+    config: &WanVaeConfig,
+    weights: &HashMap<String, Tensor>,
+    clip: &Tensor,
+) -> Result<Tensor> {
+    let vae = AutoencoderKLWan::new(
+        config.clone(),
+        VarBuilder::from_tensors(weights.clone(), DType::F32, clip.device()),
+    )?;
+    let x = clip.permute((1, 0, 2, 3))?.affine(2.0, -1.0)?.unsqueeze(0)?; // (1, 3, F, H, W)
+    let recon = vae.decode(&vae.encode(&x)?.mean)?.squeeze(0)?.permute((1, 0, 2, 3))?.affine(0.5, 0.5)?;
+    Ok(Tensor::cat(&[clip, &recon], 3)?)
 }

@@ -27,6 +27,12 @@ impl ClipSource for shapes::ShapesDataset {
     }
 }
 
+/// One clip drawn with a seed of its own, apart from the training stream (for sample clips).
+pub fn fixed_sample(source: &dyn ClipSource, seed: u64, device: &Device) -> Result<(Tensor, String)> {
+    use rand::SeedableRng;
+    source.sample(&mut ChaCha8Rng::seed_from_u64(seed), device)
+}
+
 /// Draws `n` clips and stacks them as VAE input `(n, 3, F, H, W)` in [−1, 1].
 pub fn batch(
     source: &dyn ClipSource,
