@@ -69,6 +69,8 @@ fn every_vae_parameter_gets_a_gradient() -> Result<()> {
         dim_mult: vec![1, 2, 2],
         num_res_blocks: 1,
         temperal_downsample: vec![true, false],
+        scale_factor_spatial: Some(4),
+        scale_factor_temporal: Some(2),
         latents_mean: vec![0.0; 4],
         latents_std: vec![1.0; 4],
         ..Default::default()

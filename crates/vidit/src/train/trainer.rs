@@ -333,20 +333,25 @@ mod tests {
         copy_weights(&reference, &split)?;
         let run_ref = RunDir { root: dir.path().join("reference") };
         let mut losses = Vec::new();
-        let ema_ref =
-            train(&reference, &options(20), &run_ref, |rng| loss(&layer_ref, rng), |r| losses.push(r.loss))?;
+        let ema_ref = train(
+            &reference,
+            &options(20),
+            &run_ref,
+            |rng| loss(&layer_ref, rng),
+            |r: &StepReport| losses.push(r.loss),
+        )?;
         assert!(losses[19] < 0.2 * losses[0], "loss {} -> {}", losses[0], losses[19]);
 
         // The same run stopped after 10 steps, then resumed into freshly built (random) weights.
         let run_split = RunDir { root: dir.path().join("split") };
-        train(&split, &options(10), &run_split, |rng| loss(&layer_split, rng), |_| {})?;
+        train(&split, &options(10), &run_split, |rng| loss(&layer_split, rng), |_: &StepReport| {})?;
         let (resumed, layer_resumed) = setup()?;
         let ema_resumed = train(
             &resumed,
             &TrainOptions { resume: true, ..options(20) },
             &run_split,
             |rng| loss(&layer_resumed, rng),
-            |_| {},
+            |_: &StepReport| {},
         )?;
         for (name, var) in vars_of(&reference) {
             assert_eq!(flat(var.as_tensor())?, flat(vars_of(&resumed)[&name].as_tensor())?, "{name}");
@@ -366,7 +371,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let run = RunDir { root: dir.path().to_path_buf() };
         let (varmap, layer) = setup()?;
-        train(&varmap, &options(5), &run, |rng| loss(&layer, rng), |_| {})?;
+        train(&varmap, &options(5), &run, |rng| loss(&layer, rng), |_: &StepReport| {})?;
         let saved = std::fs::read(run.checkpoint())?;
 
         let other = VarMap::new();
@@ -377,7 +382,7 @@ mod tests {
             &TrainOptions { resume: true, ..options(10) },
             &run,
             |_| Ok(wide.weight().sum_all()?),
-            |_| {},
+            |_: &StepReport| {},
         )
         .unwrap_err();
         assert!(
@@ -390,7 +395,7 @@ mod tests {
             &TrainOptions { resume: true, ..options(10) },
             &run,
             |_| Ok(Tensor::new(f32::NAN, &Device::Cpu)?),
-            |_| {},
+            |_: &StepReport| {},
         )
         .unwrap_err();
         assert!(err.to_string().contains("last good checkpoint"), "{err}");
