@@ -14,6 +14,10 @@ Outputs (a few MB in all):
     schedulers.safetensors    UniPC / FlowMatchEuler timesteps, sigmas and trajectories
     pipeline_unipc.safetensors, pipeline_euler.safetensors
                               full 3-step WanPipeline runs with CFG from given latents
+    v2v_input/                a 5-frame 48x64 clip as PNG frames (the video-to-video input)
+    v2v_unipc.safetensors, v2v_euler.safetensors
+                              WanVideoToVideoPipeline runs (strength 0.6 of 5 steps, CFG) with the
+                              noise diffusers mixed into the encoded clip
     manifest.json             versions and the exact inputs of each record
 """
 
@@ -32,7 +36,9 @@ from diffusers import (
     UniPCMultistepScheduler,
     WanPipeline,
     WanTransformer3DModel,
+    WanVideoToVideoPipeline,
 )
+from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
@@ -324,6 +330,73 @@ for kind, sch in [
     for i, (_, lat) in enumerate(steps):
         rec[f"step.{i}.latents"] = lat
     save(f"pipeline_{kind}.safetensors", rec)
+
+# ---- video-to-video (SDEdit) from a PNG-frame clip ----
+g = torch.Generator().manual_seed(17)
+# A smooth random clip: low-resolution noise upsampled, drifting over the frames.
+base = torch.rand(3, 7, 9, generator=g)
+clip_dir = os.path.join(OUT, "v2v_input")
+os.makedirs(clip_dir, exist_ok=True)
+clip = []
+for i in range(5):
+    frame = torch.nn.functional.interpolate(base.roll(i, dims=2)[None], size=(48, 64), mode="bilinear")[0]
+    img = Image.fromarray((frame.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    img.save(os.path.join(clip_dir, f"frame_{i:03d}.png"))
+    clip.append(Image.open(os.path.join(clip_dir, f"frame_{i:03d}.png")).convert("RGB"))
+v2v = WanVideoToVideoPipeline(
+    tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=pipe.scheduler
+)
+v2v_run = dict(
+    prompt=PROMPT,
+    negative_prompt=NEGATIVE,
+    height=48,
+    width=64,
+    num_inference_steps=5,
+    strength=0.6,
+    guidance_scale=5.0,
+    max_sequence_length=MAX_SEQ,
+)
+manifest["video_to_video"] = v2v_run
+for kind, sch in [
+    ("unipc", UniPCMultistepScheduler.from_pretrained(folder, subfolder="scheduler")),
+    ("euler", FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)),
+]:
+    v2v.scheduler = sch
+    mixed = {}
+    # Record exactly what the pipeline mixes: the encoded clip, the noise, the timestep.
+    name = "add_noise" if hasattr(sch, "add_noise") else "scale_noise"
+    original = getattr(sch, name)
+
+    def spy(*args, _original=original, _name=name, **kwargs):
+        if _name == "add_noise":
+            sample, noise, t = args
+        else:
+            sample, t, noise = args
+        mixed.update(clean=sample.clone(), noise=noise.clone(), timestep=t.clone())
+        return _original(*args, **kwargs)
+
+    setattr(sch, name, spy)
+    steps = []
+
+    def on_step(_pipe, i, t, kwargs):
+        steps.append((t.clone(), kwargs["latents"].clone()))
+        return kwargs
+
+    with torch.no_grad():
+        result = v2v(
+            **v2v_run, video=clip, generator=torch.Generator().manual_seed(23), output_type="np",
+            callback_on_step_end=on_step,
+        )
+    rec = {
+        "frames": torch.from_numpy(result.frames),  # (1, F, H, W, 3)
+        "clean_latents": mixed["clean"],
+        "noise": mixed["noise"],
+        "first_timestep": mixed["timestep"].float(),
+        "timesteps": torch.stack([t for t, _ in steps]).float(),
+    }
+    for i, (_, lat) in enumerate(steps):
+        rec[f"step.{i}.latents"] = lat
+    save(f"v2v_{kind}.safetensors", rec)
 
 with open(os.path.join(OUT, "manifest.json"), "w") as f:
     json.dump(manifest, f, indent=1, sort_keys=True)

@@ -10,7 +10,7 @@ use vidit::error::input_error;
 use vidit::io::media::Resize;
 use vidit::io::video::{check_writable, write_video, OutputFormat};
 use vidit::pipelines::wan::WanConfigs;
-use vidit::pipelines::{TextToVideo, WanModel};
+use vidit::pipelines::{TextToVideo, VideoToVideo, WanModel};
 use vidit::schedulers::{from_config_file, SchedulerKind};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -23,6 +23,32 @@ pub enum SchedulerArg {
     Ddpm,
     /// DDIM, deterministic (ε-prediction models).
     Ddim,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ResizeArg {
+    /// Scale to cover, cut the overflow around the centre.
+    Crop,
+    /// Scale to fit, black bars.
+    Pad,
+    /// Scale each axis on its own.
+    Stretch,
+}
+
+impl From<ResizeArg> for Resize {
+    fn from(arg: ResizeArg) -> Self {
+        match arg {
+            ResizeArg::Crop => Resize::Crop,
+            ResizeArg::Pad => Resize::Pad,
+            ResizeArg::Stretch => Resize::Stretch,
+        }
+    }
+}
+
+/// What to run: text(-and-first-frame)-to-video, or video-to-video.
+enum Job {
+    Text(TextToVideo),
+    Video(VideoToVideo),
 }
 
 /// Defaults are those of diffusers' `WanPipeline` call and of the model's own configs.
@@ -54,7 +80,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     width: Option<usize>,
     /// Frames; rounded down to the form 4k + 1 as diffusers does [model's, else 81].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "video")]
     frames: Option<usize>,
     /// Frame rate of the written clip [model's, else 16].
     #[arg(long)]
@@ -80,6 +106,28 @@ pub struct GenerateArgs {
     /// (vidit's own; Wan's I2V pipeline is a separate mode).
     #[arg(long)]
     image: Option<PathBuf>,
+    /// Video-to-video (SDEdit): the clip to restyle (.mp4, .gif, or a folder of PNG/JPEG frames in
+    /// name order), resampled to the model's frame rate and fitted to the size; its frame count
+    /// (rounded down to 4k + 1) replaces --frames.
+    #[arg(long, conflicts_with = "image")]
+    video: Option<PathBuf>,
+    /// How much of the schedule video-to-video runs again, in (0, 1]: low keeps the clip, 1
+    /// starts from noise.
+    #[arg(long, requires = "video", default_value_t = 0.8)]
+    strength: f64,
+    /// The noise video-to-video mixes into the encoded clip: tensor `noise` shaped like the
+    /// latents, in a safetensors file (to match another implementation given the same noise).
+    #[arg(long, requires = "video")]
+    noise: Option<PathBuf>,
+    /// How an input image or clip of another aspect ratio is fitted.
+    #[arg(long, value_enum, default_value = "crop")]
+    resize: ResizeArg,
+    /// First frame of the input clip to use (after frame-rate resampling).
+    #[arg(long, requires = "video", default_value_t = 0)]
+    start: usize,
+    /// At most this many frames of the input clip.
+    #[arg(long, requires = "video")]
+    max_frames: Option<usize>,
     /// Also write the final latents (tensor `latents`) to this safetensors file.
     #[arg(long)]
     save_latents: Option<PathBuf>,
@@ -133,7 +181,7 @@ struct Settings {
 }
 
 /// Everything that can be checked without loading weights, in the order a user would fix it.
-fn validate(args: &GenerateArgs) -> Result<(WanConfigs, TextToVideo, Device, f64)> {
+fn validate(args: &GenerateArgs) -> Result<(WanConfigs, Job, Device, f64)> {
     check_writable(&args.output)?;
     if let Some(path) = &args.save_latents {
         check_latents_path("--save-latents", path)?;
@@ -189,7 +237,14 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, TextToVideo, Device, f64
     }
     OutputFormat::from_path(&args.output)?.check_size(&args.output, s.width, s.height)?;
     let temporal = configs.vae.temporal_factor();
-    let mut frames = s.frames;
+    if args.video.is_some() && !(args.strength > 0.0 && args.strength <= 1.0) {
+        return Err(input_error(format!("--strength {}: must be in (0, 1]", args.strength)));
+    }
+    let video = match &args.video {
+        Some(path) => Some(read_clip(path, args, &s, temporal)?),
+        None => None,
+    };
+    let mut frames = video.as_ref().map_or(Ok(s.frames), |v| v.dim(0))?;
     if frames % temporal != 1 {
         let rounded = (frames / temporal * temporal + 1).max(1);
         eprintln!("warning: --frames {frames} is not of the form {temporal}k+1; rounding to {rounded} as diffusers does");
@@ -210,22 +265,64 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, TextToVideo, Device, f64
         seed: args.seed.unwrap_or_else(random_seed),
         init_latents: None,
         first_frame: match &args.image {
-            Some(path) => Some(vidit::io::media::read_image(path, s.width, s.height, Resize::Crop, &device)?),
+            Some(path) => {
+                Some(vidit::io::media::read_image(path, s.width, s.height, args.resize.into(), &device)?)
+            }
             None => None,
         },
     };
+    let vae = &configs.vae;
+    let shape = [
+        1,
+        configs.transformer.in_channels,
+        (frames - 1) / temporal + 1,
+        s.height / vae.spatial_factor(),
+        s.width / vae.spatial_factor(),
+    ];
     if let Some(path) = &args.init_latents {
-        let vae = &configs.vae;
-        let shape = [
-            1,
-            configs.transformer.in_channels,
-            (frames - 1) / temporal + 1,
-            s.height / vae.spatial_factor(),
-            s.width / vae.spatial_factor(),
-        ];
         request.init_latents = Some(vidit::io::tensors::read_tensor(path, "latents", Some(&shape), &device)?);
     }
-    Ok((configs, request, device, s.fps))
+    let job = match video {
+        Some(video) => Job::Video(VideoToVideo {
+            request,
+            video: video.to_device(&device)?,
+            strength: args.strength,
+            noise: match &args.noise {
+                Some(path) => Some(vidit::io::tensors::read_tensor(path, "noise", Some(&shape), &device)?),
+                None => None,
+            },
+        }),
+        None => Job::Text(request),
+    };
+    Ok((configs, job, device, s.fps))
+}
+
+/// The input clip of video-to-video: resampled to the output rate, trimmed, cut to 4k + 1 frames
+/// (with a warning), fitted to the size; `(F, 3, H, W)` in [0, 1].
+fn read_clip(path: &Path, args: &GenerateArgs, s: &Settings, temporal: usize) -> Result<candle_core::Tensor> {
+    use vidit::io::media::{fit, read_media, resample_fps, to_tensor};
+    let clip = read_media(path)?;
+    let frames = resample_fps(clip.frames, clip.fps, s.fps);
+    let available = frames.len().saturating_sub(args.start);
+    let take = args.max_frames.map_or(available, |m| m.min(available));
+    if take == 0 {
+        return Err(input_error(format!(
+            "{}: no frames left after --start {} ({} frames at {} fps)",
+            path.display(),
+            args.start,
+            frames.len(),
+            s.fps
+        )));
+    }
+    let usable = (take - 1) / temporal * temporal + 1;
+    if usable != take {
+        eprintln!("warning: {}: {take} frames cut to {usable} (the form {temporal}k+1)", path.display());
+    }
+    let fitted: Vec<_> = frames[args.start..args.start + usable]
+        .iter()
+        .map(|f| fit(f, s.width, s.height, args.resize.into()))
+        .collect();
+    to_tensor(&fitted, &Device::Cpu)
 }
 
 fn scheduler_kind(arg: SchedulerArg) -> SchedulerKind {
@@ -244,7 +341,11 @@ fn random_seed() -> u64 {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let (configs, request, device, fps) = validate(&args)?;
+    let (configs, job, device, fps) = validate(&args)?;
+    let request = match &job {
+        Job::Text(r) => r,
+        Job::Video(v) => &v.request,
+    };
     if args.seed.is_none() && request.init_latents.is_none() && !args.quiet {
         eprintln!("seed: {}", request.seed);
     }
@@ -267,7 +368,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .expect("static template")
             .progress_chars("=> "),
     );
-    let output = request.run(&model, scheduler.as_mut(), |i, _| bar.set_position(i as u64))?;
+    let on_step = |i: usize, n: usize| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64)
+    };
+    let output = match &job {
+        Job::Text(r) => r.run(&model, scheduler.as_mut(), on_step)?,
+        Job::Video(v) => v.run(&model, scheduler.as_mut(), on_step)?,
+    };
     bar.finish_and_clear();
 
     write_video(&args.output, &output.frames, fps)?;

@@ -275,3 +275,84 @@ fn broken_model_files_are_one_line_errors() -> Result<()> {
     expect_input_error(fixture_args(&model, &out), &out, "model_index.json");
     Ok(())
 }
+
+/// `vidit generate --video` with the arguments of the diffusers WanVideoToVideoPipeline record.
+fn v2v_args(scheduler: &str, noise: &Path, output: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["generate", "--prompt", "a cat dancing in a red field"]
+        .into_iter()
+        .chain(["--negative-prompt", "blurry low quality", "--height", "48", "--width", "64"])
+        .chain(["--steps", "5", "--strength", "0.6", "--guidance", "5", "--max-sequence-length", "32"])
+        .chain(["--scheduler", scheduler, "--quiet"])
+        .map(String::from)
+        .collect();
+    let model = fixtures().join("tiny-wan");
+    let video = fixtures().join("v2v_input");
+    for (flag, path) in
+        [("--model", model.as_path()), ("--video", &video), ("--noise", noise), ("--output", output)]
+    {
+        args.extend([flag.to_string(), path.display().to_string()]);
+    }
+    with(args, extra)
+}
+
+#[test]
+fn video_to_video_matches_diffusers_given_the_same_noise() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for scheduler in ["unipc", "euler"] {
+        let record = fixtures().join(format!("v2v_{scheduler}.safetensors"));
+        let out = dir.path().join(format!("{scheduler}.safetensors"));
+        let latents = dir.path().join(format!("{scheduler}-latents.safetensors"));
+        let run = vidit(&v2v_args(scheduler, &record, &out, &["--save-latents", latents.to_str().unwrap()]));
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        let expected = load(&record)?;
+        let frames = load(&out)?.remove("frames").expect("tensor `frames`");
+        let reference = expected["frames"].squeeze(0)?.permute((0, 3, 1, 2))?; // (F, 3, H, W)
+        let err = max_abs_diff(&frames, &reference)?;
+        eprintln!("{scheduler}: video-to-video frames vs diffusers max abs error {err:.3e}");
+        assert!(err <= 1e-4, "{scheduler}: {err}");
+        let final_latents = load(&latents)?.remove("latents").expect("tensor `latents`");
+        assert!(max_abs_diff(&final_latents, &expected["step.2.latents"])? <= 1e-5);
+    }
+    Ok(())
+}
+
+/// `args` with the value of `flag` replaced.
+fn set(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    let at = args.iter().position(|a| a == flag).expect("flag present") + 1;
+    args[at] = value.to_string();
+    args
+}
+
+#[test]
+fn video_to_video_bad_input_is_refused_up_front() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let record = fixtures().join("v2v_unipc.safetensors");
+    let out = dir.path().join("out.mp4");
+    let wrong_noise = dir.path().join("noise.safetensors");
+    candle_core::safetensors::save(
+        &HashMap::from([(
+            "noise".to_string(),
+            Tensor::zeros((1, 16, 3, 6, 8), candle_core::DType::F32, &Device::Cpu)?,
+        )]),
+        &wrong_noise,
+    )?;
+    let not_png = dir.path().join("frames");
+    std::fs::create_dir(&not_png)?;
+    std::fs::write(not_png.join("0.png"), b"not a png")?;
+    let mut cases: Vec<(Vec<String>, &str)> = vec![
+        (set(v2v_args("unipc", &record, &out, &[]), "--strength", "0"), "--strength"),
+        (set(v2v_args("unipc", &record, &out, &[]), "--strength", "1.5"), "--strength"),
+        (v2v_args("unipc", &wrong_noise, &out, &[]), "noise"),
+        (v2v_args("unipc", &record, &out, &["--start", "9"]), "no frames left"),
+    ];
+    cases.push((set(v2v_args("unipc", &record, &out, &[]), "--video", not_png.to_str().unwrap()), "0.png"));
+    for (args, needle) in cases {
+        let run = vidit(&args);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{needle}: {stderr}");
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(!out.exists());
+    }
+    Ok(())
+}

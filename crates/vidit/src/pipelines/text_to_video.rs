@@ -1,6 +1,7 @@
 //! Text-to-video, as diffusers' `WanPipeline`: encode the prompt (and the negative prompt for
 //! classifier-free guidance), denoise Gaussian latents step by step, de-normalise, VAE-decode.
 
+use super::denoise::{decode_frames, denoise, encode_frames, GivenFrames, Guidance};
 use super::wan::{GenerationConfig, WanModel};
 use crate::schedulers::Scheduler;
 use anyhow::{bail, Result};
@@ -67,21 +68,18 @@ impl TextToVideo {
         &self,
         model: &WanModel,
         scheduler: &mut dyn Scheduler,
-        mut on_step: impl FnMut(usize, usize),
+        on_step: impl FnMut(usize, usize),
     ) -> Result<TextToVideoOutput> {
         let device = &model.device;
         let shape = self.latent_shape(model);
-        let cfg = self.guidance_scale > 1.0;
-
-        // Text: conditional and unconditional contexts, batched so one forward serves both.
-        let mut prompts = vec![self.prompt.clone()];
-        if cfg {
-            prompts.push(self.negative_prompt.clone());
-        }
-        let embeds = model.text.encode(&prompts, self.max_sequence_length, device)?; // (1 or 2, S, d)
-        let context = model.transformer.text_context(&embeds)?;
-
-        let mut latents = match &self.init_latents {
+        let guidance = Guidance::new(
+            model,
+            &self.prompt,
+            &self.negative_prompt,
+            self.max_sequence_length,
+            self.guidance_scale,
+        )?;
+        let latents = match &self.init_latents {
             Some(l) if l.dims() == shape => l.to_device(device)?,
             Some(l) => bail!("initial latents have shape {:?}, expected {shape:?}", l.dims()),
             None => crate::noise::randn(self.seed, &shape, device)?,
@@ -89,52 +87,19 @@ impl TextToVideo {
         // Frame conditioning: the encoded first frame replaces latent frame 0 throughout.
         let given = match &self.first_frame {
             Some(frame) => {
-                let pixels = frame.affine(2.0, -1.0)?.unsqueeze(1)?.unsqueeze(0)?; // (1, 3, 1, H, W)
-                Some(model.vae.normalize(&model.vae.encode(&pixels)?.mean)?) // (1, C, 1, h, w)
+                let first = encode_frames(model, &frame.unsqueeze(0)?)?; // (1, C, 1, h, w)
+                let rest =
+                    Tensor::zeros((1, shape[1], shape[2] - 1, shape[3], shape[4]), first.dtype(), device)?;
+                let mut held = vec![false; shape[2]];
+                held[0] = true;
+                Some(GivenFrames { latents: Tensor::cat(&[first, rest], 2)?, held })
             }
             None => None,
         };
-        let hold = |latents: &Tensor| -> Result<Tensor> {
-            Ok(match &given {
-                Some(g) => Tensor::cat(&[g, &latents.narrow(2, 1, shape[2] - 1)?], 2)?,
-                None => latents.clone(),
-            })
-        };
-        let [_, ph, pw] = model.transformer.config.patch_size;
-        let tokens_per_frame = (shape[3] / ph) * (shape[4] / pw);
         scheduler.set_timesteps(self.num_inference_steps)?;
         scheduler.seed(self.seed.wrapping_add(1)); // stochastic samplers draw their noise from the seed too
-        let timesteps = scheduler.timesteps().to_vec();
-        let batch = prompts.len();
-        for (i, &t) in timesteps.iter().enumerate() {
-            latents = hold(&latents)?;
-            let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let timestep = match given {
-                // Per-token timesteps: 0 on the given frame.
-                Some(_) => {
-                    let per_token: Vec<f32> = (0..shape[2] * tokens_per_frame)
-                        .map(|k| if k < tokens_per_frame { 0.0 } else { t })
-                        .collect();
-                    Tensor::new(per_token, device)?.unsqueeze(0)?.repeat((batch, 1))?
-                }
-                None => Tensor::new(vec![t; batch], device)?,
-            };
-            let velocity = model.transformer.forward(&input, &timestep, &context)?;
-            let velocity = if cfg {
-                let cond = velocity.narrow(0, 0, 1)?;
-                let uncond = velocity.narrow(0, 1, 1)?;
-                (&uncond + ((cond - &uncond)? * self.guidance_scale)?)?
-            } else {
-                velocity
-            };
-            latents = scheduler.step(&velocity, &latents)?;
-            on_step(i + 1, timesteps.len());
-        }
-        let latents = hold(&latents)?;
-
-        let pixels = model.vae.decode(&model.vae.denormalize(&latents)?)?; // (1, 3, F, H, W) in [−1, 1]
-        let frames =
-            (pixels * 0.5)?.affine(1.0, 0.5)?.clamp(0f32, 1f32)?.squeeze(0)?.permute((1, 0, 2, 3))?;
-        Ok(TextToVideoOutput { latents, frames: frames.contiguous()? })
+        let latents = denoise(model, scheduler, &guidance, latents, 0, given.as_ref(), on_step)?;
+        let frames = decode_frames(model, &latents)?;
+        Ok(TextToVideoOutput { latents, frames })
     }
 }

@@ -2,6 +2,7 @@
 //! exactly as diffusers computes it.
 
 use anyhow::{bail, Result};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 /// Config keys common to `DDPMScheduler` and `DDIMScheduler`, with diffusers' defaults.
@@ -152,6 +153,17 @@ impl DiscreteSchedule {
         self.num_steps = steps;
         self.step_index = 0;
         Ok(())
+    }
+
+    pub fn begin_at(&mut self, index: usize) {
+        self.step_index = index;
+    }
+
+    /// √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε at the timestep t of step `index`.
+    pub fn add_noise(&self, sample: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let Some(&t) = self.timesteps.get(index) else { bail!("timestep index {index} past the schedule") };
+        let a = self.alphas_cumprod[t as usize] as f64;
+        Ok((sample.affine(a.sqrt(), 0.0)? + noise.affine((1.0 - a).sqrt(), 0.0)?)?)
     }
 
     /// Advances to the next step; the previous timestep is t − N/steps, with ᾱ = `final_alpha`

@@ -46,6 +46,14 @@ impl Scheduler for DdimScheduler {
         &self.schedule.sigmas
     }
 
+    fn begin_at(&mut self, index: usize) {
+        self.schedule.begin_at(index);
+    }
+
+    fn add_noise(&self, sample: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        self.schedule.add_noise(sample, noise, index)
+    }
+
     fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor> {
         // Before the schedule's start ᾱ is 1 (set_alpha_to_one) or ᾱ_0.
         let final_alpha =

@@ -62,6 +62,14 @@ impl Scheduler for DdpmScheduler {
         self.rng = ChaCha8Rng::seed_from_u64(seed);
     }
 
+    fn begin_at(&mut self, index: usize) {
+        self.schedule.begin_at(index);
+    }
+
+    fn add_noise(&self, sample: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        self.schedule.add_noise(sample, noise, index)
+    }
+
     fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor> {
         let noise = crate::noise::randn(self.rng.random(), sample.dims(), sample.device())?;
         self.step_with_noise(model_output, sample, &noise)

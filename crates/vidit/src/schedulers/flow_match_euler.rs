@@ -96,6 +96,14 @@ impl Scheduler for FlowMatchEulerDiscreteScheduler {
         &self.sigmas
     }
 
+    fn begin_at(&mut self, index: usize) {
+        self.step_index = index;
+    }
+
+    fn add_noise(&self, sample: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        super::flow_add_noise(&self.sigmas, sample, noise, index)
+    }
+
     fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor> {
         let i = self.step_index;
         if i + 1 >= self.sigmas.len() {

@@ -30,6 +30,19 @@ pub trait Scheduler {
     fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor>;
     /// Seeds the noise of stochastic samplers (a no-op for deterministic ones).
     fn seed(&mut self, _seed: u64) {}
+    /// Makes the next `step` the one at timestep `index` (video-to-video enters the schedule
+    /// part-way; diffusers finds that index by looking the first timestep up).
+    fn begin_at(&mut self, index: usize);
+    /// Mixes `noise` into a clean `sample` at the noise level of timestep `index`
+    /// (diffusers' `add_noise` / `scale_noise`).
+    fn add_noise(&self, sample: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor>;
+}
+
+/// Flow matching's forward process: x_σ = (1 − σ)·x₀ + σ·ε.
+fn flow_add_noise(sigmas: &[f32], sample: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+    let sigma =
+        *sigmas.get(index).ok_or_else(|| anyhow::anyhow!("timestep index {index} past the schedule"))?;
+    Ok((sample.affine(1.0 - sigma as f64, 0.0)? + noise.affine(sigma as f64, 0.0)?)?)
 }
 
 /// The schedulers vidit ships, selectable by name on the command line. UniPC and Euler sample
