@@ -297,6 +297,24 @@ sched["trajectory.sample"] = sample0
 sched["trajectory.model_outputs"] = outputs
 save("schedulers.safetensors", sched)
 
+
+def run_recording_steps(pipeline, **kwargs):
+    """Runs a pipeline; returns its frames (1, F, H, W, 3) and the records of every step:
+    the timesteps and the latents after each step."""
+    steps = []
+
+    def on_step(_pipe, i, t, step_kwargs):
+        steps.append((t.clone(), step_kwargs["latents"].clone()))
+        return step_kwargs
+
+    with torch.no_grad():
+        result = pipeline(**kwargs, output_type="np", callback_on_step_end=on_step)
+    rec = {"frames": torch.from_numpy(result.frames), "timesteps": torch.stack([t for t, _ in steps])}
+    for i, (_, lat) in enumerate(steps):
+        rec[f"step.{i}.latents"] = lat
+    return rec
+
+
 # ---- full pipeline runs with CFG from given latents ----
 g = torch.Generator().manual_seed(13)
 latents = torch.randn(1, 16, 2, 6, 8, generator=g)  # 5 frames, 48x64 px
@@ -317,18 +335,8 @@ for kind, sch in [
     ("euler", FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)),
 ]:
     pipe.scheduler = sch
-    steps = []
-
-    def on_step(_pipe, i, t, kwargs):
-        steps.append((t.clone(), kwargs["latents"].clone()))
-        return kwargs
-
-    with torch.no_grad():
-        result = pipe(**run, latents=latents.clone(), output_type="np", callback_on_step_end=on_step)
-    frames = torch.from_numpy(result.frames)  # (1, F, H, W, 3)
-    rec = {"latents": latents, "frames": frames, "timesteps": torch.stack([t for t, _ in steps])}
-    for i, (_, lat) in enumerate(steps):
-        rec[f"step.{i}.latents"] = lat
+    rec = run_recording_steps(pipe, **run, latents=latents.clone())
+    rec["latents"] = latents
     save(f"pipeline_{kind}.safetensors", rec)
 
 # ---- video-to-video (SDEdit) from a PNG-frame clip ----
@@ -376,26 +384,13 @@ for kind, sch in [
         return _original(*args, **kwargs)
 
     setattr(sch, name, spy)
-    steps = []
-
-    def on_step(_pipe, i, t, kwargs):
-        steps.append((t.clone(), kwargs["latents"].clone()))
-        return kwargs
-
-    with torch.no_grad():
-        result = v2v(
-            **v2v_run, video=clip, generator=torch.Generator().manual_seed(23), output_type="np",
-            callback_on_step_end=on_step,
-        )
-    rec = {
-        "frames": torch.from_numpy(result.frames),  # (1, F, H, W, 3)
-        "clean_latents": mixed["clean"],
-        "noise": mixed["noise"],
-        "first_timestep": mixed["timestep"].float(),
-        "timesteps": torch.stack([t for t, _ in steps]).float(),
-    }
-    for i, (_, lat) in enumerate(steps):
-        rec[f"step.{i}.latents"] = lat
+    rec = run_recording_steps(v2v, **v2v_run, video=clip, generator=torch.Generator().manual_seed(23))
+    rec.update(
+        clean_latents=mixed["clean"],
+        noise=mixed["noise"],
+        first_timestep=mixed["timestep"].float(),
+        timesteps=rec["timesteps"].float(),
+    )
     save(f"v2v_{kind}.safetensors", rec)
 
 with open(os.path.join(OUT, "manifest.json"), "w") as f:

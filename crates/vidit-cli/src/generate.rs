@@ -7,10 +7,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use vidit::error::input_error;
+use vidit::io::media::read_image;
 use vidit::io::media::Resize;
 use vidit::io::video::{check_writable, write_video, OutputFormat};
+use vidit::pipelines::extend::{extend, interpolate};
 use vidit::pipelines::wan::WanConfigs;
-use vidit::pipelines::{TextToVideo, VideoToVideo, WanModel};
+use vidit::pipelines::{Keyframes, TextToVideo, VideoToVideo, WanModel};
 use vidit::schedulers::{from_config_file, SchedulerKind};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -45,10 +47,16 @@ impl From<ResizeArg> for Resize {
     }
 }
 
-/// What to run: text(-and-first-frame)-to-video, or video-to-video.
+/// What to run.
 enum Job {
+    /// Text-to-video, with given keyframes or not.
     Text(TextToVideo),
+    /// Video-to-video (also restoration).
     Video(VideoToVideo),
+    /// Continue `video` by `frames`, window by window.
+    Extend { request: TextToVideo, video: candle_core::Tensor, frames: usize },
+    /// `factor − 1` new frames between each pair of `video`.
+    Interpolate { request: TextToVideo, video: candle_core::Tensor, factor: usize },
 }
 
 /// Defaults are those of diffusers' `WanPipeline` call and of the model's own configs.
@@ -79,8 +87,9 @@ pub struct GenerateArgs {
     /// Width in pixels [model's, else 832].
     #[arg(long)]
     width: Option<usize>,
-    /// Frames; rounded down to the form 4k + 1 as diffusers does [model's, else 81].
-    #[arg(long, conflicts_with = "video")]
+    /// Frames (with --extend / --interpolate: of each generated window); rounded down to the
+    /// form 4k + 1 as diffusers does [model's, else 81].
+    #[arg(long)]
     frames: Option<usize>,
     /// Frame rate of the written clip [model's, else 16].
     #[arg(long)]
@@ -106,15 +115,30 @@ pub struct GenerateArgs {
     /// (vidit's own; Wan's I2V pipeline is a separate mode).
     #[arg(long)]
     image: Option<PathBuf>,
-    /// Video-to-video (SDEdit): the clip to restyle (.mp4, .gif, or a folder of PNG/JPEG frames in
-    /// name order), resampled to the model's frame rate and fitted to the size; its frame count
-    /// (rounded down to 4k + 1) replaces --frames.
+    /// Last frame (PNG/JPEG), with --image: keyframe interpolation from the first to the last.
+    #[arg(long, requires = "image")]
+    last_image: Option<PathBuf>,
+    /// Input clip (.mp4, .gif, or a folder of PNG/JPEG frames in name order), resampled to the
+    /// model's frame rate and fitted to the size. Alone: video-to-video (SDEdit), its frame count
+    /// (rounded down to 4k + 1) replacing --frames; or with --extend, --interpolate, --restore.
     #[arg(long, conflicts_with = "image")]
     video: Option<PathBuf>,
     /// How much of the schedule video-to-video runs again, in (0, 1]: low keeps the clip, 1
-    /// starts from noise.
-    #[arg(long, requires = "video", default_value_t = 0.8)]
-    strength: f64,
+    /// starts from noise [0.8; 0.3 with --restore].
+    #[arg(long, requires = "video")]
+    strength: Option<f64>,
+    /// Continue the clip by N frames (window by window, each conditioned on the last 5 frames so
+    /// far), for frame-conditioned models (the built-in one).
+    #[arg(long, requires = "video", conflicts_with_all = ["interpolate", "restore", "strength", "noise"])]
+    extend: Option<usize>,
+    /// Frame-rate up-conversion: K − 1 new frames between each pair, through first-and-last
+    /// keyframe generation (frame-conditioned models); the output rate is K times the input's.
+    #[arg(long, requires = "video", conflicts_with_all = ["restore", "strength", "noise"])]
+    interpolate: Option<usize>,
+    /// Restoration: re-denoise a noisy or compressed clip at low strength (0.3 unless --strength),
+    /// keeping its content.
+    #[arg(long, requires = "video")]
+    restore: bool,
     /// The noise video-to-video mixes into the encoded clip: tensor `noise` shaped like the
     /// latents, in a safetensors file (to match another implementation given the same noise).
     #[arg(long, requires = "video")]
@@ -129,7 +153,7 @@ pub struct GenerateArgs {
     #[arg(long, requires = "video")]
     max_frames: Option<usize>,
     /// Also write the final latents (tensor `latents`) to this safetensors file.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["extend", "interpolate"])]
     save_latents: Option<PathBuf>,
     /// Output: .mp4, .gif, .safetensors (tensor `frames`), or a folder path ending in / for PNGs.
     #[arg(long, short, default_value = "clip.mp4")]
@@ -237,14 +261,42 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, Job, Device, f64)> {
     }
     OutputFormat::from_path(&args.output)?.check_size(&args.output, s.width, s.height)?;
     let temporal = configs.vae.temporal_factor();
-    if args.video.is_some() && !(args.strength > 0.0 && args.strength <= 1.0) {
-        return Err(input_error(format!("--strength {}: must be in (0, 1]", args.strength)));
+    let strength = args.strength.unwrap_or(if args.restore { 0.3 } else { 0.8 });
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(input_error(format!("--strength {strength}: must be in (0, 1]")));
+    }
+    if args.video.is_some() && VideoToVideo::begin_index(s.steps, strength) == s.steps {
+        return Err(input_error(format!(
+            "--strength {strength} with --steps {} re-runs no step; raise either",
+            s.steps
+        )));
+    }
+    if args.extend == Some(0) || args.interpolate.is_some_and(|k| k < 2) {
+        return Err(input_error("--extend must be at least 1, --interpolate at least 2"));
+    }
+    // Video-to-video runs over the whole clip; extension and interpolation over model windows.
+    let whole_clip = args.extend.is_none() && args.interpolate.is_none();
+    if args.video.is_some() && whole_clip && args.frames.is_some() {
+        return Err(input_error(
+            "--frames: video-to-video takes the clip's length (trim it with --max-frames)",
+        ));
     }
     let video = match &args.video {
-        Some(path) => Some(read_clip(path, args, &s, temporal)?),
+        Some(path) => Some(read_clip(path, args, &s, if whole_clip { temporal } else { 1 })?),
         None => None,
     };
-    let mut frames = video.as_ref().map_or(Ok(s.frames), |v| v.dim(0))?;
+    let mut frames = match &video {
+        Some(v) if whole_clip => v.dim(0)?,
+        _ => s.frames,
+    };
+    if let (Some(v), Some(_)) = (&video, args.extend) {
+        if v.dim(0)? < EXTEND_CONTEXT {
+            return Err(input_error(format!(
+                "--video: {} frames; --extend continues from the last {EXTEND_CONTEXT}",
+                v.dim(0)?
+            )));
+        }
+    }
     if frames % temporal != 1 {
         let rounded = (frames / temporal * temporal + 1).max(1);
         eprintln!("warning: --frames {frames} is not of the form {temporal}k+1; rounding to {rounded} as diffusers does");
@@ -264,12 +316,13 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, Job, Device, f64)> {
         max_sequence_length: s.max_sequence_length,
         seed: args.seed.unwrap_or_else(random_seed),
         init_latents: None,
-        first_frame: match &args.image {
-            Some(path) => {
-                Some(vidit::io::media::read_image(path, s.width, s.height, args.resize.into(), &device)?)
-            }
-            None => None,
-        },
+        keyframes: Keyframes::None,
+    };
+    let read_image = |path: &PathBuf| read_image(path, s.width, s.height, args.resize.into(), &device);
+    request.keyframes = match (&args.image, &args.last_image) {
+        (Some(first), Some(last)) => Keyframes::FirstLast(read_image(first)?, read_image(last)?),
+        (Some(first), None) => Keyframes::First(read_image(first)?),
+        _ => Keyframes::None,
     };
     let vae = &configs.vae;
     let shape = [
@@ -283,10 +336,18 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, Job, Device, f64)> {
         request.init_latents = Some(vidit::io::tensors::read_tensor(path, "latents", Some(&shape), &device)?);
     }
     let job = match video {
+        Some(video) if args.extend.is_some() => {
+            Job::Extend { request, video: video.to_device(&device)?, frames: args.extend.unwrap_or_default() }
+        }
+        Some(video) if args.interpolate.is_some() => Job::Interpolate {
+            request,
+            video: video.to_device(&device)?,
+            factor: args.interpolate.unwrap_or_default(),
+        },
         Some(video) => Job::Video(VideoToVideo {
             request,
             video: video.to_device(&device)?,
-            strength: args.strength,
+            strength,
             noise: match &args.noise {
                 Some(path) => Some(vidit::io::tensors::read_tensor(path, "noise", Some(&shape), &device)?),
                 None => None,
@@ -297,9 +358,12 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, Job, Device, f64)> {
     Ok((configs, job, device, s.fps))
 }
 
-/// The input clip of video-to-video: resampled to the output rate, trimmed, cut to 4k + 1 frames
-/// (with a warning), fitted to the size; `(F, 3, H, W)` in [0, 1].
-fn read_clip(path: &Path, args: &GenerateArgs, s: &Settings, temporal: usize) -> Result<candle_core::Tensor> {
+/// Frames of the input clip extension continues from.
+const EXTEND_CONTEXT: usize = 5;
+
+/// The input clip: resampled to the output rate, trimmed, cut to `multiple`·k + 1 frames (with a
+/// warning), fitted to the size; `(F, 3, H, W)` in [0, 1].
+fn read_clip(path: &Path, args: &GenerateArgs, s: &Settings, multiple: usize) -> Result<candle_core::Tensor> {
     use vidit::io::media::{fit, read_media, resample_fps, to_tensor};
     let clip = read_media(path)?;
     let frames = resample_fps(clip.frames, clip.fps, s.fps);
@@ -314,9 +378,9 @@ fn read_clip(path: &Path, args: &GenerateArgs, s: &Settings, temporal: usize) ->
             s.fps
         )));
     }
-    let usable = (take - 1) / temporal * temporal + 1;
+    let usable = (take - 1) / multiple * multiple + 1;
     if usable != take {
-        eprintln!("warning: {}: {take} frames cut to {usable} (the form {temporal}k+1)", path.display());
+        eprintln!("warning: {}: {take} frames cut to {usable} (the form {multiple}k+1)", path.display());
     }
     let fitted: Vec<_> = frames[args.start..args.start + usable]
         .iter()
@@ -343,7 +407,7 @@ fn random_seed() -> u64 {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let (configs, job, device, fps) = validate(&args)?;
     let request = match &job {
-        Job::Text(r) => r,
+        Job::Text(r) | Job::Extend { request: r, .. } | Job::Interpolate { request: r, .. } => r,
         Job::Video(v) => &v.request,
     };
     if args.seed.is_none() && request.init_latents.is_none() && !args.quiet {
@@ -372,15 +436,29 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bar.set_length(n as u64);
         bar.set_position(i as u64)
     };
-    let output = match &job {
-        Job::Text(r) => r.run(&model, scheduler.as_mut(), on_step)?,
-        Job::Video(v) => v.run(&model, scheduler.as_mut(), on_step)?,
+    let (frames, latents, fps) = match &job {
+        Job::Text(r) => {
+            let out = r.run(&model, scheduler.as_mut(), on_step)?;
+            (out.frames, Some(out.latents), fps)
+        }
+        Job::Video(v) => {
+            let out = v.run(&model, scheduler.as_mut(), on_step)?;
+            (out.frames, Some(out.latents), fps)
+        }
+        Job::Extend { request, video, frames } => {
+            let clip = extend(&model, scheduler.as_mut(), request, video, *frames, EXTEND_CONTEXT, on_step)?;
+            (clip, None, fps)
+        }
+        Job::Interpolate { request, video, factor } => {
+            let clip = interpolate(&model, scheduler.as_mut(), request, video, *factor, on_step)?;
+            (clip, None, fps * *factor as f64)
+        }
     };
     bar.finish_and_clear();
 
-    write_video(&args.output, &output.frames, fps)?;
-    if let Some(path) = &args.save_latents {
-        vidit::io::tensors::write_tensors(path, &HashMap::from([("latents".to_string(), output.latents)]))?;
+    write_video(&args.output, &frames, fps)?;
+    if let (Some(path), Some(latents)) = (&args.save_latents, latents) {
+        vidit::io::tensors::write_tensors(path, &HashMap::from([("latents".to_string(), latents)]))?;
     }
     if !args.quiet {
         eprintln!("wrote {} ({:.1}s)", args.output.display(), started.elapsed().as_secs_f64());

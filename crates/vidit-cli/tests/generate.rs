@@ -62,6 +62,28 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
+/// Runs vidit and compares its frames (≤ 1e-4) and final latents (≤ 1e-5) with a diffusers record
+/// whose last step is `step.2`.
+fn assert_run_matches(
+    args: &[String],
+    record: &Path,
+    frames: &Path,
+    latents: &Path,
+    what: &str,
+) -> Result<()> {
+    let run = vidit(args);
+    assert!(run.status.success(), "{what}: {}", String::from_utf8_lossy(&run.stderr));
+    let expected = load(record)?;
+    let ours = load(frames)?.remove("frames").expect("tensor `frames`");
+    let reference = expected["frames"].squeeze(0)?.permute((0, 3, 1, 2))?; // (F, 3, H, W)
+    let err = max_abs_diff(&ours, &reference)?;
+    eprintln!("{what}: CLI frames vs diffusers max abs error {err:.3e}");
+    assert!(err <= 1e-4, "{what}: {err}");
+    let final_latents = load(latents)?.remove("latents").expect("tensor `latents`");
+    assert!(max_abs_diff(&final_latents, &expected["step.2.latents"])? <= 1e-5, "{what}");
+    Ok(())
+}
+
 #[test]
 fn cli_writes_the_frames_diffusers_wrote() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -82,16 +104,7 @@ fn cli_writes_the_frames_diffusers_wrote() -> Result<()> {
                 latents.to_str().unwrap(),
             ],
         );
-        let run = vidit(&args);
-        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-        let expected = load(&fixtures().join(record))?;
-        let frames = load(&out)?.remove("frames").expect("tensor `frames`");
-        let reference = expected["frames"].squeeze(0)?.permute((0, 3, 1, 2))?; // (F, 3, H, W)
-        let err = max_abs_diff(&frames, &reference)?;
-        eprintln!("{scheduler}: CLI frames vs diffusers max abs error {err:.3e}");
-        assert!(err <= 1e-4, "{scheduler}: {err}");
-        let final_latents = load(&latents)?.remove("latents").expect("tensor `latents`");
-        assert!(max_abs_diff(&final_latents, &expected["step.2.latents"])? <= 1e-5);
+        assert_run_matches(&args, &fixtures().join(record), &out, &latents, &format!("{scheduler} t2v"))?;
     }
     Ok(())
 }
@@ -302,16 +315,8 @@ fn video_to_video_matches_diffusers_given_the_same_noise() -> Result<()> {
         let record = fixtures().join(format!("v2v_{scheduler}.safetensors"));
         let out = dir.path().join(format!("{scheduler}.safetensors"));
         let latents = dir.path().join(format!("{scheduler}-latents.safetensors"));
-        let run = vidit(&v2v_args(scheduler, &record, &out, &["--save-latents", latents.to_str().unwrap()]));
-        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-        let expected = load(&record)?;
-        let frames = load(&out)?.remove("frames").expect("tensor `frames`");
-        let reference = expected["frames"].squeeze(0)?.permute((0, 3, 1, 2))?; // (F, 3, H, W)
-        let err = max_abs_diff(&frames, &reference)?;
-        eprintln!("{scheduler}: video-to-video frames vs diffusers max abs error {err:.3e}");
-        assert!(err <= 1e-4, "{scheduler}: {err}");
-        let final_latents = load(&latents)?.remove("latents").expect("tensor `latents`");
-        assert!(max_abs_diff(&final_latents, &expected["step.2.latents"])? <= 1e-5);
+        let args = v2v_args(scheduler, &record, &out, &["--save-latents", latents.to_str().unwrap()]);
+        assert_run_matches(&args, &record, &out, &latents, &format!("{scheduler} v2v"))?;
     }
     Ok(())
 }
@@ -354,5 +359,91 @@ fn video_to_video_bad_input_is_refused_up_front() -> Result<()> {
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
         assert!(!out.exists());
     }
+    Ok(())
+}
+
+#[test]
+fn keyframe_extension_interpolation_and_restoration_modes_run() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = fixtures().join("tiny-wan");
+    let clip = fixtures().join("v2v_input");
+    let frame = |i: usize| clip.join(format!("frame_{i:03}.png")).display().to_string();
+    let base = |out: &Path| -> Vec<String> {
+        ["generate", "a cat", "--height", "48", "--width", "64", "--steps", "2", "--seed", "1", "--quiet"]
+            .map(String::from)
+            .into_iter()
+            .chain([
+                "--model".into(),
+                model.display().to_string(),
+                "--output".into(),
+                out.display().to_string(),
+            ])
+            .collect()
+    };
+    let frames_of = |out: &Path| -> Result<usize> { Ok(load(out)?["frames"].dim(0)?) };
+    let clip_arg = clip.display().to_string();
+    let cases: Vec<(&str, Vec<String>, usize)> = vec![
+        (
+            "first-last",
+            vec!["--frames".into(), "9".into(), "--image".into(), frame(0), "--last-image".into(), frame(4)],
+            9,
+        ),
+        (
+            "extend",
+            vec![
+                "--frames".into(),
+                "9".into(),
+                "--video".into(),
+                clip_arg.clone(),
+                "--extend".into(),
+                "6".into(),
+            ],
+            11,
+        ),
+        (
+            "interpolate",
+            vec![
+                "--frames".into(),
+                "9".into(),
+                "--video".into(),
+                clip_arg.clone(),
+                "--max-frames".into(),
+                "3".into(),
+                "--interpolate".into(),
+                "2".into(),
+            ],
+            5,
+        ),
+        ("restore", vec!["--video".into(), clip_arg.clone(), "--restore".into()], 5),
+    ];
+    for (name, extra, expected) in cases {
+        let out = dir.path().join(format!("{name}.safetensors"));
+        let mut args = base(&out);
+        args.extend(extra);
+        if name == "restore" {
+            args = set(args, "--steps", "4"); // 0.3 of 4 steps: one
+        }
+        let run = vidit(&args);
+        assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
+        assert_eq!(frames_of(&out)?, expected, "{name}");
+    }
+    // Given frames come back through the VAE: the interpolated clip keeps its input frames.
+    let interpolated = load(&dir.path().join("interpolate.safetensors"))?.remove("frames").expect("frames");
+    let input = vidit::io::media::to_tensor(&vidit::io::media::read_media(&clip)?.frames, &Device::Cpu)?;
+    assert_eq!(
+        max_abs_diff(&interpolated.get(2)?, &input.get(1)?)?,
+        0.0,
+        "frame 1 of the input is kept as is"
+    );
+
+    let out = dir.path().join("bad.mp4");
+    let no_first = vidit(&with(base(&out), &["--last-image", &frame(4)]));
+    assert_eq!(no_first.status.code(), Some(2), "--last-image needs --image");
+    let few_steps = vidit(&with(base(&out), &["--video", &clip_arg, "--restore"]));
+    assert_eq!(few_steps.status.code(), Some(2), "0.3 of 2 steps is none");
+    let short = vidit(&with(base(&out), &["--video", &clip_arg, "--max-frames", "3", "--extend", "4"]));
+    assert_eq!(short.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&short.stderr).contains("--extend"));
+    assert!(!out.exists());
     Ok(())
 }

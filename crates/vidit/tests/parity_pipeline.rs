@@ -20,7 +20,7 @@ fn request(init: &candle_core::Tensor) -> TextToVideo {
         max_sequence_length: 32,
         seed: 0,
         init_latents: Some(init.clone()),
-        first_frame: None,
+        keyframes: Default::default(),
     }
 }
 

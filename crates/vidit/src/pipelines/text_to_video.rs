@@ -21,9 +21,61 @@ pub struct TextToVideo {
     pub seed: u64,
     /// Initial noise `(1, C, T, h, w)` to use instead of drawing it from `seed`.
     pub init_latents: Option<Tensor>,
-    /// A given first frame `(3, H, W)` in [0, 1], for models trained with frame conditioning
-    /// (vidit's own): its latent frame is held clean at timestep 0 while the rest is generated.
-    pub first_frame: Option<Tensor>,
+    /// Given frames, for models trained with frame conditioning (vidit's own): the latent
+    /// frames they encode to are held clean at timestep 0 while the rest is generated.
+    pub keyframes: Keyframes,
+}
+
+/// Pixel frames in [0, 1] a frame-conditioned model is given.
+#[derive(Debug, Clone, Default)]
+pub enum Keyframes {
+    #[default]
+    None,
+    /// The first frame `(3, H, W)`: image-to-video.
+    First(Tensor),
+    /// The first and the last frame: keyframe interpolation. The last latent frame is encoded
+    /// from the last image held still over its frames.
+    FirstLast(Tensor, Tensor),
+    /// The first 1 + 4k frames `(F, 3, H, W)`: video extension.
+    Prefix(Tensor),
+}
+
+impl Keyframes {
+    /// The held latents for a clip of `shape` `(1, C, T, h, w)`.
+    fn encode(&self, model: &WanModel, shape: [usize; 5]) -> Result<Option<GivenFrames>> {
+        let t = shape[2];
+        let (clip, held): (Tensor, Vec<usize>) = match self {
+            Keyframes::None => return Ok(None),
+            Keyframes::First(image) => (image.unsqueeze(0)?, vec![0]),
+            Keyframes::FirstLast(first, last) => {
+                let temporal = model.vae.config.temporal_factor();
+                let frames = (t - 1) * temporal + 1;
+                let mut clip = vec![first.unsqueeze(0)?];
+                clip.extend(std::iter::repeat_n(last.unsqueeze(0)?, frames - 1));
+                (Tensor::cat(&clip, 0)?, vec![0, t - 1])
+            }
+            Keyframes::Prefix(frames) => {
+                let latent_frames = (frames.dim(0)? - 1) / model.vae.config.temporal_factor() + 1;
+                if latent_frames >= t {
+                    bail!("{} given frames leave nothing to generate in {t} latent frames", frames.dim(0)?);
+                }
+                (frames.clone(), (0..latent_frames).collect())
+            }
+        };
+        let encoded = encode_frames(model, &clip)?; // (1, C, T', h, w)
+        let rest = t - encoded.dim(2)?;
+        let latents = if rest > 0 {
+            let pad = Tensor::zeros((1, shape[1], rest, shape[3], shape[4]), encoded.dtype(), &model.device)?;
+            Tensor::cat(&[encoded, pad], 2)?
+        } else {
+            encoded
+        };
+        let mut flags = vec![false; t];
+        for i in held {
+            flags[i] = true;
+        }
+        Ok(Some(GivenFrames { latents, held: flags }))
+    }
 }
 
 pub struct TextToVideoOutput {
@@ -47,7 +99,7 @@ impl TextToVideo {
             max_sequence_length: defaults.max_sequence_length,
             seed,
             init_latents: None,
-            first_frame: None,
+            keyframes: Keyframes::None,
         }
     }
 
@@ -84,18 +136,7 @@ impl TextToVideo {
             Some(l) => bail!("initial latents have shape {:?}, expected {shape:?}", l.dims()),
             None => crate::noise::randn(self.seed, &shape, device)?,
         };
-        // Frame conditioning: the encoded first frame replaces latent frame 0 throughout.
-        let given = match &self.first_frame {
-            Some(frame) => {
-                let first = encode_frames(model, &frame.unsqueeze(0)?)?; // (1, C, 1, h, w)
-                let rest =
-                    Tensor::zeros((1, shape[1], shape[2] - 1, shape[3], shape[4]), first.dtype(), device)?;
-                let mut held = vec![false; shape[2]];
-                held[0] = true;
-                Some(GivenFrames { latents: Tensor::cat(&[first, rest], 2)?, held })
-            }
-            None => None,
-        };
+        let given = self.keyframes.encode(model, shape)?;
         scheduler.set_timesteps(self.num_inference_steps)?;
         scheduler.seed(self.seed.wrapping_add(1)); // stochastic samplers draw their noise from the seed too
         let latents = denoise(model, scheduler, &guidance, latents, 0, given.as_ref(), on_step)?;
