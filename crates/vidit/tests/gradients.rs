@@ -36,10 +36,36 @@ fn assert_all_parameters_learn(varmap: &VarMap, loss: &Tensor, model: &str) -> R
     Ok(())
 }
 
-#[test]
-fn every_transformer_parameter_gets_a_gradient() -> Result<()> {
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+/// The training forward must read the parameters themselves: a weight copied or transformed
+/// once at construction would get gradients but stay at its initial value in the forward, while
+/// the optimiser moves the parameter (and the exported model then matches nothing). After every
+/// parameter is changed in place, the same module must compute what a module built afresh from
+/// the new values computes.
+fn assert_forward_follows_parameters<M>(
+    varmap: &VarMap,
+    module: &M,
+    build: impl Fn(VarBuilder) -> Result<M>,
+    run: impl Fn(&M) -> Result<Tensor>,
+    model: &str,
+) -> Result<()> {
+    let before = run(module)?;
+    let mut values = std::collections::HashMap::new();
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let moved = (var.as_tensor() * 1.1)?.affine(1.0, 0.01)?;
+        var.set(&moved)?;
+        values.insert(name.clone(), moved);
+    }
+    let after = run(module)?;
+    let fresh = run(&build(VarBuilder::from_tensors(values, DType::F32, &Device::Cpu))?)?;
+    let diff =
+        |a: &Tensor, b: &Tensor| -> Result<f32> { Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar()?) };
+    assert!(diff(&after, &before)? > 1e-3, "{model}: changing the parameters changed nothing");
+    let stale = diff(&after, &fresh)?;
+    assert!(stale <= 1e-4, "{model}: the forward uses stale copies of parameters ({stale})");
+    Ok(())
+}
+
+fn small_transformer(vb: VarBuilder) -> Result<WanTransformer3DModel> {
     let config = WanTransformerConfig {
         num_attention_heads: 2,
         attention_head_dim: 16,
@@ -51,18 +77,24 @@ fn every_transformer_parameter_gets_a_gradient() -> Result<()> {
         num_layers: 2,
         ..Default::default()
     };
-    let model = WanTransformer3DModel::new(config, vb)?;
+    Ok(WanTransformer3DModel::new(config, vb)?)
+}
+
+fn run_transformer(model: &WanTransformer3DModel) -> Result<Tensor> {
     let context = model.text_context(&randn(1, &[2, 5, 12]))?;
-    let out =
-        model.forward(&randn(2, &[2, 4, 2, 4, 6]), &Tensor::new(&[500f32, 20.0], &Device::Cpu)?, &context)?;
-    let loss = (out - randn(3, &[2, 4, 2, 4, 6]))?.sqr()?.mean_all()?;
-    assert_all_parameters_learn(&varmap, &loss, "transformer")
+    Ok(model.forward(&randn(2, &[2, 4, 2, 4, 6]), &Tensor::new(&[500f32, 20.0], &Device::Cpu)?, &context)?)
 }
 
 #[test]
-fn every_vae_parameter_gets_a_gradient() -> Result<()> {
+fn every_transformer_parameter_gets_a_gradient() -> Result<()> {
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let model = small_transformer(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+    let loss = (run_transformer(&model)? - randn(3, &[2, 4, 2, 4, 6]))?.sqr()?.mean_all()?;
+    assert_all_parameters_learn(&varmap, &loss, "transformer")?;
+    assert_forward_follows_parameters(&varmap, &model, small_transformer, run_transformer, "transformer")
+}
+
+fn small_vae(vb: VarBuilder) -> Result<AutoencoderKLWan> {
     let config = WanVaeConfig {
         base_dim: 4,
         z_dim: 4,
@@ -75,20 +107,25 @@ fn every_vae_parameter_gets_a_gradient() -> Result<()> {
         latents_std: vec![1.0; 4],
         ..Default::default()
     };
-    let vae = AutoencoderKLWan::new(config, vb)?;
+    Ok(AutoencoderKLWan::new(config, vb)?)
+}
+
+#[test]
+fn every_vae_parameter_gets_a_gradient() -> Result<()> {
+    let varmap = VarMap::new();
+    let vae = small_vae(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
     let video = randn(4, &[1, 3, 5, 16, 16]).tanh()?;
     let posterior = vae.encode(&video)?;
     let recon = vae.decode(&posterior.mean)?;
     let kl =
         (posterior.mean.sqr()? + posterior.logvar.exp()? - posterior.logvar.affine(1.0, 1.0)?)?.mean_all()?;
     let loss = ((recon - &video)?.sqr()?.mean_all()? + kl)?;
-    assert_all_parameters_learn(&varmap, &loss, "vae")
+    assert_all_parameters_learn(&varmap, &loss, "vae")?;
+    let run = |vae: &AutoencoderKLWan| -> Result<Tensor> { vae.decode_unclamped(&vae.encode(&video)?.mean) };
+    assert_forward_follows_parameters(&varmap, &vae, small_vae, run, "vae")
 }
 
-#[test]
-fn every_text_encoder_parameter_gets_a_gradient() -> Result<()> {
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+fn small_text_encoder(vb: VarBuilder) -> Result<Umt5EncoderModel> {
     let config = Umt5Config {
         vocab_size: 20,
         d_model: 16,
@@ -98,13 +135,20 @@ fn every_text_encoder_parameter_gets_a_gradient() -> Result<()> {
         num_heads: 4,
         ..Default::default()
     };
-    let model = Umt5EncoderModel::new(config, vb)?;
+    Ok(Umt5EncoderModel::new(config, vb)?)
+}
+
+#[test]
+fn every_text_encoder_parameter_gets_a_gradient() -> Result<()> {
+    let varmap = VarMap::new();
+    let model = small_text_encoder(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
     // Every vocabulary entry appears, so every embedding row can learn.
     let ids = Tensor::arange(0u32, 20, &Device::Cpu)?.reshape((2, 10))?;
     let mask = Tensor::ones((2, 10), DType::U32, &Device::Cpu)?;
-    let hidden = model.forward(&ids, &mask)?;
-    let loss = (hidden - randn(5, &[2, 10, 16]))?.sqr()?.mean_all()?;
-    assert_all_parameters_learn(&varmap, &loss, "text encoder")
+    let run = |model: &Umt5EncoderModel| -> Result<Tensor> { model.forward(&ids, &mask) };
+    let loss = (run(&model)? - randn(5, &[2, 10, 16]))?.sqr()?.mean_all()?;
+    assert_all_parameters_learn(&varmap, &loss, "text encoder")?;
+    assert_forward_follows_parameters(&varmap, &model, small_text_encoder, run, "text encoder")
 }
 
 /// Compares d loss / d x from autograd with central differences at a few entries.

@@ -353,7 +353,9 @@ impl WanTransformer3DModel {
             .collect::<Result<_>>()?;
         let out_dim = config.out_channels * pt * ph * pw;
         Ok(Self {
-            patch_weight: patch_weight.reshape((dim, ()))?.t()?.contiguous()?, // (C·pt·ph·pw, dim)
+            // A view of the parameter, never a copy: a copy made here would freeze the training
+            // forward at the initial weights while the optimiser updates the parameter.
+            patch_weight: patch_weight.reshape((dim, ()))?, // (dim, C·pt·ph·pw)
             patch_bias,
             time_linear_1: linear(config.freq_dim, dim, ce.pp("time_embedder.linear_1"))?,
             time_linear_2: linear(dim, dim, ce.pp("time_embedder.linear_2"))?,
@@ -444,7 +446,7 @@ impl WanTransformer3DModel {
             .reshape(&[b, c, gf, pt, gh, ph, gw, pw][..])?
             .permute(&[0usize, 2, 4, 6, 1, 3, 5, 7][..])? // (B, F', H', W', C, pt, ph, pw)
             .reshape((b, tokens, c * pt * ph * pw))?;
-        let x = patches.broadcast_matmul(&self.patch_weight)?.broadcast_add(&self.patch_bias)?; // (B, L, dim)
+        let x = patches.broadcast_matmul(&self.patch_weight.t()?)?.broadcast_add(&self.patch_bias)?; // (B, L, dim)
         Trace::record(trace, "patch_embedding", &x);
 
         // Timestep embedding: (B, S, dim) with S = 1 (one timestep per sample) or L (per token).
