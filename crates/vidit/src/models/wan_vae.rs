@@ -247,7 +247,7 @@ impl AttentionBlock {
             let v = qkv.narrow(D::Minus1, 2 * c, c)?;
             let out = sdpa(&q, &k, &v, 1.0 / (c as f64).sqrt(), None)?; // (N, 1, HW, C)
             let out = out.squeeze(1)?.transpose(1, 2)?.reshape((n, c, h, w))?;
-            Ok(self.proj.forward(&out)?)
+            self.proj.forward(&out)
         })?;
         Ok((attended + x)?)
     }
@@ -345,7 +345,7 @@ impl Resample {
                     frames.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?
                 }
             };
-            Ok(self.conv.forward(&frames)?)
+            self.conv.forward(&frames)
         })?;
         if let ResampleMode::Down3d(time_conv) = &self.mode {
             let idx = cache.next();
