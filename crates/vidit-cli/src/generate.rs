@@ -265,17 +265,17 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, Job, Device, f64)> {
     if !(strength > 0.0 && strength <= 1.0) {
         return Err(input_error(format!("--strength {strength}: must be in (0, 1]")));
     }
-    if args.video.is_some() && VideoToVideo::begin_index(s.steps, strength) == s.steps {
-        return Err(input_error(format!(
-            "--strength {strength} with --steps {} re-runs no step; raise either",
-            s.steps
-        )));
-    }
     if args.extend == Some(0) || args.interpolate.is_some_and(|k| k < 2) {
         return Err(input_error("--extend must be at least 1, --interpolate at least 2"));
     }
     // Video-to-video runs over the whole clip; extension and interpolation over model windows.
     let whole_clip = args.extend.is_none() && args.interpolate.is_none();
+    if args.video.is_some() && whole_clip && VideoToVideo::begin_index(s.steps, strength) == s.steps {
+        return Err(input_error(format!(
+            "--strength {strength} with --steps {} re-runs no step; raise either",
+            s.steps
+        )));
+    }
     if args.video.is_some() && whole_clip && args.frames.is_some() {
         return Err(input_error(
             "--frames: video-to-video takes the clip's length (trim it with --max-frames)",
@@ -335,16 +335,12 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, Job, Device, f64)> {
     if let Some(path) = &args.init_latents {
         request.init_latents = Some(vidit::io::tensors::read_tensor(path, "latents", Some(&shape), &device)?);
     }
-    let job = match video {
-        Some(video) if args.extend.is_some() => {
-            Job::Extend { request, video: video.to_device(&device)?, frames: args.extend.unwrap_or_default() }
+    let job = match (video, args.extend, args.interpolate) {
+        (Some(video), Some(frames), _) => Job::Extend { request, video: video.to_device(&device)?, frames },
+        (Some(video), None, Some(factor)) => {
+            Job::Interpolate { request, video: video.to_device(&device)?, factor }
         }
-        Some(video) if args.interpolate.is_some() => Job::Interpolate {
-            request,
-            video: video.to_device(&device)?,
-            factor: args.interpolate.unwrap_or_default(),
-        },
-        Some(video) => Job::Video(VideoToVideo {
+        (Some(video), None, None) => Job::Video(VideoToVideo {
             request,
             video: video.to_device(&device)?,
             strength,
@@ -353,7 +349,7 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, Job, Device, f64)> {
                 None => None,
             },
         }),
-        None => Job::Text(request),
+        (None, _, _) => Job::Text(request),
     };
     Ok((configs, job, device, s.fps))
 }
