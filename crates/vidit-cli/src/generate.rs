@@ -166,7 +166,7 @@ pub struct GenerateArgs {
     device: String,
 }
 
-fn parse_device(name: &str) -> Result<Device> {
+pub fn parse_device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {

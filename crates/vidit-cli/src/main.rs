@@ -1,5 +1,6 @@
 //! `vidit`: generate video from the command line.
 
+mod bench;
 mod builtin;
 mod eval;
 mod generate;
@@ -23,6 +24,8 @@ enum Command {
     TrainVae(Box<train::TrainVaeArgs>),
     /// Train the DiT and text encoder on a trained VAE's latents; writes a model folder.
     Train(Box<train::TrainArgs>),
+    /// Time a denoising step, the text encoder and the VAE decoder on this machine.
+    Bench(Box<bench::BenchArgs>),
     /// Score a shapes model's prompt adherence (colour, shape, direction) from generated pixels.
     Eval(Box<eval::EvalArgs>),
 }
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Command::TrainVae(args) => train::run_vae(*args),
         Command::Train(args) => train::run_dit(*args),
         Command::Eval(args) => eval::run(*args),
+        Command::Bench(args) => bench::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,10 +5,12 @@
 //! - [`models`]: the networks (Wan transformer, Wan VAE, UMT5 text encoder), built from their `config.json`;
 //! - [`schedulers`]: the samplers (`set_timesteps`, `step`);
 //! - [`pipelines`]: compose the above into text-to-video;
-//! - [`io`]: media and tensor files, written atomically.
+//! - [`io`]: media and tensor files, written atomically;
+//! - [`kernels`]: fused CPU kernels (attention, norms, GELU, RoPE) with their backward passes.
 
 pub mod error;
 pub mod io;
+pub mod kernels;
 pub mod model_folder;
 pub mod models;
 pub mod noise;

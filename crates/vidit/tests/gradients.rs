@@ -209,6 +209,24 @@ fn custom_ops_match_finite_differences() -> Result<()> {
     check_gradient("attention wrt k", &k, |t| sdpa(&q, t, &v, 0.5, Some(&bias)))?;
     check_gradient("attention wrt v", &v, |t| sdpa(&q, &k, t, 0.5, None))?;
 
+    // The fused CPU kernels (vidit::kernels), token-major (B, L, H, D).
+    use vidit::kernels;
+    let (qt, kt, vt) = (
+        q.transpose(1, 2)?.contiguous()?,
+        k.transpose(1, 2)?.contiguous()?,
+        v.transpose(1, 2)?.contiguous()?,
+    );
+    check_gradient("fused attention wrt q", &qt, |t| kernels::attention::attention(t, &kt, &vt, 0.5))?;
+    check_gradient("fused attention wrt k", &kt, |t| kernels::attention::attention(&qt, t, &vt, 0.5))?;
+    check_gradient("fused attention wrt v", &vt, |t| kernels::attention::attention(&qt, &kt, t, 0.5))?;
+    check_gradient("fused gelu", &x, kernels::gelu::gelu)?;
+    let (w, b) = (randn(21, &[5, 8]), randn(22, &[5]));
+    check_gradient("fused linear wrt x", &x, |t| kernels::linear::linear(t, &w, Some(&b)))?;
+    check_gradient("fused linear wrt weight", &w, |t| kernels::linear::linear(&x, t, Some(&b)))?;
+    check_gradient("fused linear wrt bias", &b, |t| kernels::linear::linear(&x, &w, Some(t)))?;
+    let (cos, sin) = (randn(23, &[5, 2]).cos()?, randn(23, &[5, 2]).sin()?);
+    check_gradient("fused rope", &qt, |t| kernels::rope::rope(t, &cos, &sin))?;
+
     let vb = VarBuilder::from_tensors(
         HashMap::from([
             ("weight".into(), randn(17, &[3, 2, 3, 3, 3]).affine(0.3, 0.0)?),

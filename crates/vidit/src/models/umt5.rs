@@ -5,6 +5,7 @@
 use super::layers::attention::sdpa;
 use super::layers::norm::RmsNorm;
 use super::layers::{apply, linear_no_bias};
+use crate::kernels::gelu::gelu;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Embedding, Linear, Module, VarBuilder};
@@ -166,7 +167,7 @@ impl Umt5EncoderModel {
             let attn = sdpa(&q, &k, &v, 1.0, Some(&bias))?.transpose(1, 2)?.reshape((b, s, heads * d_kv))?;
             h = (h + apply(&layer.o, &attn)?)?;
             let x = layer.ff_norm.forward(&h)?;
-            let gated = (apply(&layer.wi_0, &x)?.gelu()? * apply(&layer.wi_1, &x)?)?;
+            let gated = (gelu(&apply(&layer.wi_0, &x)?)? * apply(&layer.wi_1, &x)?)?;
             h = (h + apply(&layer.wo, &gated)?)?;
         }
         self.final_norm.forward(&h.contiguous()?)

@@ -3,9 +3,10 @@
 //! to the text and a gated feed-forward are modulated by the timestep (adaLN scale/shift/gate).
 //! The output is the flow velocity v = ε − x0, shaped like the input latents.
 
-use super::layers::attention::sdpa;
+use super::layers::attention::attention;
 use super::layers::norm::{LayerNorm, RmsNorm};
 use super::layers::{apply, linear};
+use crate::kernels::gelu::gelu;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
@@ -59,6 +60,26 @@ impl Default for WanTransformerConfig {
 impl WanTransformerConfig {
     pub fn inner_dim(&self) -> usize {
         self.num_attention_heads * self.attention_head_dim
+    }
+
+    /// Tokens of a latent grid `(F, H, W)`: one per patch.
+    pub fn tokens(&self, frames: usize, height: usize, width: usize) -> usize {
+        let [pt, ph, pw] = self.patch_size;
+        (frames / pt) * (height / ph) * (width / pw)
+    }
+
+    /// Multiply-add FLOPs (2 per MAC) of one forward of one sample with `tokens` latent tokens,
+    /// the text context ([`WanTransformer3DModel::text_context`]) already computed.
+    pub fn forward_flops(&self, tokens: usize, text_tokens: usize) -> f64 {
+        let (l, s, d, f) = (tokens as f64, text_tokens as f64, self.inner_dim() as f64, self.ffn_dim as f64);
+        let [pt, ph, pw] = self.patch_size;
+        let patch = (self.in_channels.max(self.out_channels) * pt * ph * pw) as f64;
+        let self_attention = 4.0 * l * d * d + 2.0 * l * l * d; // q, k, v, out; scores and mix
+        let cross_attention = 2.0 * l * d * d + 2.0 * l * s * d; // q, out; scores and mix
+        let feed_forward = 2.0 * l * d * f;
+        let block = 2.0 * (self_attention + cross_attention + feed_forward);
+        let time = 2.0 * (self.freq_dim as f64 * d + d * d + 6.0 * d * d); // per timestep row
+        2.0 * 2.0 * l * patch * d + self.num_layers as f64 * block + time
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -142,6 +163,13 @@ impl WanRotaryPosEmbed {
 
 /// Rotates interleaved pairs of `x (B, L, H, D)` by the per-token angles `(L, D/2)`.
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::kernels::fused(x) {
+        return crate::kernels::rope::rope(x, cos, sin);
+    }
+    apply_rope_composed(x, cos, sin)
+}
+
+fn apply_rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, l, h, d) = x.dims4()?;
     let pairs = x.reshape((b, l, h, d / 2, 2))?;
     let x1 = pairs.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?; // (B, L, H, D/2)
@@ -177,7 +205,7 @@ impl WanAttention {
         })
     }
 
-    /// Projects the keys and values of a context `(B, S, dim)` into `(B, H, S, D)`.
+    /// Projects the keys and values of a context `(B, S, dim)` into `(B, S, H, D)`.
     pub fn key_values(&self, context: &Tensor, rope: Option<&(Tensor, Tensor)>) -> Result<(Tensor, Tensor)> {
         let k = self.norm_k.forward(&apply(&self.to_k, context)?)?;
         let v = apply(&self.to_v, context)?;
@@ -185,7 +213,7 @@ impl WanAttention {
         if let Some((cos, sin)) = rope {
             k = apply_rope(&k, cos, sin)?;
         }
-        Ok((k.transpose(1, 2)?, self.split_heads(&v)?.transpose(1, 2)?))
+        Ok((k, self.split_heads(&v)?))
     }
 
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
@@ -207,8 +235,8 @@ impl WanAttention {
             q = apply_rope(&q, cos, sin)?;
         }
         let head_dim = dim / self.heads;
-        let out = sdpa(&q.transpose(1, 2)?, &kv.0, &kv.1, 1.0 / (head_dim as f64).sqrt(), None)?; // (B, H, L, D)
-        let out = out.transpose(1, 2)?.reshape((b, l, dim))?;
+        let out = attention(&q, &kv.0, &kv.1, 1.0 / (head_dim as f64).sqrt())?; // (B, L, H, D)
+        let out = out.reshape((b, l, dim))?;
         apply(&self.to_out, &out)
     }
 }
@@ -294,7 +322,7 @@ impl WanTransformerBlock {
         let normed = self.norm3.forward(&x)?;
         Trace::record(trace, "norm3", &normed);
         let h = normed.broadcast_mul(&(c_scale + 1.0)?)?.broadcast_add(&c_shift)?;
-        let ff = apply(&self.ffn_out, &apply(&self.ffn_in, &h)?.gelu()?)?;
+        let ff = apply(&self.ffn_out, &gelu(&apply(&self.ffn_in, &h)?)?)?;
         Trace::record(trace, "ffn", &ff);
         Ok((x + ff.broadcast_mul(&c_gate)?)?)
     }
@@ -393,7 +421,7 @@ impl WanTransformer3DModel {
     }
 
     fn text_context_traced(&self, text: &Tensor, trace: &mut Option<&mut Trace>) -> Result<TextContext> {
-        let h = apply(&self.text_linear_1, text)?.gelu()?;
+        let h = gelu(&apply(&self.text_linear_1, text)?)?;
         let h = apply(&self.text_linear_2, &h)?; // (B, S, dim)
         Trace::record(trace, "condition_embedder.2", &h);
         let kv = self.blocks.iter().map(|b| b.attn2.key_values(&h, None)).collect::<Result<_>>()?;
@@ -489,5 +517,23 @@ impl WanTransformer3DModel {
         Ok(x.reshape(&[b, gf, gh, gw, pt, ph, pw, out_c][..])?
             .permute(&[0usize, 7, 1, 4, 2, 5, 3, 6][..])?
             .reshape((b, out_c, f, h, w))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::layers::tests::fused_matches;
+
+    #[test]
+    fn fused_rope_matches_the_composed_rotation() -> Result<()> {
+        let rope = WanRotaryPosEmbed::new(12, [1, 2, 2], 16, &Device::Cpu)?;
+        let (cos, sin) = rope.forward(3, 4, 2)?; // 6 tokens
+        fused_matches(
+            &[&[2, 6, 3, 12]],
+            |t| crate::kernels::rope::rope(&t[0], &cos, &sin),
+            |t| apply_rope_composed(&t[0], &cos, &sin),
+            1e-6,
+        )
     }
 }

@@ -1,6 +1,8 @@
-//! Normalisations, written from tensor primitives: two-pass statistics (as PyTorch computes them)
-//! and differentiable, which candle's fused kernels are not.
+//! Normalisations with two-pass statistics (as PyTorch computes them) and a backward pass, which
+//! candle's fused kernels lack: the fused CPU kernels of [`kernels::norm`] on the CPU, composed
+//! from tensor primitives elsewhere.
 
+use crate::kernels::{self, norm::Kind};
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 use candle_nn::init::ZERO;
@@ -30,6 +32,14 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if kernels::fused(x) {
+            let (w, b) = self.affine.as_ref().map(|(w, b)| (w, b)).unzip();
+            return kernels::norm::norm(x, Kind::Layer, self.eps, w, b);
+        }
+        self.forward_composed(x)
+    }
+
+    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
@@ -55,8 +65,41 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if kernels::fused(x) {
+            return kernels::norm::norm(x, Kind::Rms, self.eps, Some(&self.weight), None);
+        }
+        self.forward_composed(x)
+    }
+
+    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let var = x.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = x.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
         Ok(normed.broadcast_mul(&self.weight)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::layers::tests::fused_matches;
+
+    #[test]
+    fn fused_kernels_match_the_composed_ops() -> Result<()> {
+        let layer = |t: &[Tensor]| LayerNorm { affine: Some((t[1].clone(), t[2].clone())), eps: 1e-6 };
+        fused_matches(
+            &[&[2, 3, 48], &[48], &[48]],
+            |t| layer(t).forward(&t[0]),
+            |t| layer(t).forward_composed(&t[0]),
+            1e-5,
+        )?;
+        let plain = LayerNorm::plain(1e-6);
+        fused_matches(&[&[5, 20]], |t| plain.forward(&t[0]), |t| plain.forward_composed(&t[0]), 1e-5)?;
+        let rms = |t: &[Tensor]| RmsNorm { weight: t[1].clone(), eps: 1e-6 };
+        fused_matches(
+            &[&[2, 3, 48], &[48]],
+            |t| rms(t).forward(&t[0]),
+            |t| rms(t).forward_composed(&t[0]),
+            1e-5,
+        )
     }
 }

@@ -1,0 +1,201 @@
+//! y = x·Wᵀ + b as one matmul into an output that starts as the bias rows, for `x (…, in)` and
+//! PyTorch's `W (out, in)`. Backward: dx = g·W, dW = gᵀ·x, db = Σ_rows g, each one matmul or one
+//! pass (candle's route reduces the bias gradient through a generic broadcast reduction).
+
+use super::{as_slice, with_slice};
+use anyhow::{bail, Result};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use gemm::Parallelism;
+
+/// `x (…, in)` · `weight (out, in)`ᵀ [+ `bias (out,)`] on the CPU, f32.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (out_dim, in_dim) = weight.dims2()?;
+    if x.dim(candle_core::D::Minus1)? != in_dim {
+        bail!("linear: input {:?} for weight {:?}", x.dims(), weight.dims());
+    }
+    let x = x.contiguous()?;
+    let w = weight.contiguous()?;
+    Ok(match bias {
+        Some(b) if b.dims() == [out_dim] => x.apply_op3(&w, &b.contiguous()?, Linear)?,
+        Some(b) => bail!("linear: bias {:?} for weight {:?}", b.dims(), weight.dims()),
+        None => x.apply_op2(&w, Linear)?,
+    })
+}
+
+struct Linear;
+
+fn parallelism() -> Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// `dst (m × n) = lhs (m × k)·rhs (k × n) [+ dst]`, strides (row, column) in elements.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_strides: (isize, isize),
+    rhs: &[f32],
+    rhs_strides: (isize, isize),
+) {
+    debug_assert!(dst.len() >= m * n);
+    // SAFETY: the callers' strides address m·k elements of lhs and k·n of rhs (checked shapes).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_strides.1,
+            lhs_strides.0,
+            rhs.as_ptr(),
+            rhs_strides.1,
+            rhs_strides.0,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        )
+    }
+}
+
+impl Linear {
+    fn forward(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (out_dim, in_dim) = w.1.shape().dims2()?;
+        let (xs, ws) = (as_slice(x.0, x.1)?, as_slice(w.0, w.1)?);
+        let rows = xs.len() / in_dim;
+        let mut out = match bias {
+            Some((s, l)) => as_slice(s, l)?.repeat(rows),
+            None => vec![0f32; rows * out_dim],
+        };
+        // Wᵀ's element (i, j) is W[j·in + i].
+        matmul(
+            (rows, out_dim, in_dim),
+            &mut out,
+            bias.is_some(),
+            xs,
+            (in_dim as isize, 1),
+            ws,
+            (1, in_dim as isize),
+        );
+        let mut dims = x.1.shape().dims().to_vec();
+        *dims.last_mut().expect("rank ≥ 1") = out_dim;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    /// (dx, dW, db).
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (out_dim, in_dim) = w.dims2()?;
+        let rows = x.elem_count() / in_dim;
+        let (dx, dw, db) = with_slice(x, |xs| {
+            with_slice(w, |ws| {
+                with_slice(grad, |g| {
+                    let mut dx = vec![0f32; rows * in_dim];
+                    matmul(
+                        (rows, in_dim, out_dim),
+                        &mut dx,
+                        false,
+                        g,
+                        (out_dim as isize, 1),
+                        ws,
+                        (in_dim as isize, 1),
+                    );
+                    let mut dw = vec![0f32; out_dim * in_dim];
+                    matmul(
+                        (out_dim, in_dim, rows),
+                        &mut dw,
+                        false,
+                        g,
+                        (1, out_dim as isize),
+                        xs,
+                        (in_dim as isize, 1),
+                    );
+                    let mut db = vec![0f32; out_dim];
+                    for row in g.chunks_exact(out_dim) {
+                        db.iter_mut().zip(row).for_each(|(d, &v)| *d += v);
+                    }
+                    (dx, dw, db)
+                })
+            })
+        })???;
+        let dev = x.device();
+        Ok((
+            Tensor::from_vec(dx, x.shape(), dev)?,
+            Tensor::from_vec(dw, (out_dim, in_dim), dev)?,
+            Tensor::from_vec(db, out_dim, dev)?,
+        ))
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.forward((xs, xl), (ws, wl), None)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.backward(x, w, grad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "linear-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.forward((xs, xl), (ws, wl), Some((bs, bl)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.backward(x, w, grad)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
