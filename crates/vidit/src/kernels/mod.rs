@@ -1,4 +1,4 @@
-//! Fused CPU kernels for the transformer's hot ops, each with its own backward pass.
+//! Fused CPU kernels for the transformer's hot ops (attention, linear, norms and adaLN, GELU, RoPE), each with its own backward pass.
 //!
 //! candle composes attention, the norms, GELU and RoPE from many small tensor ops, each a pass
 //! over memory with an allocation, and their backward passes from many more (a broadcast's
@@ -7,6 +7,7 @@
 //! tensors and keep the composed version for other devices, which is also what the tests compare
 //! against.
 
+pub mod adaln;
 pub mod attention;
 pub mod gelu;
 pub mod linear;

@@ -45,7 +45,7 @@ struct NormOp {
 
 /// Mean (LayerNorm; 0 for RMSNorm) and 1/√(var + ε) of one row.
 #[inline(always)]
-fn stats(row: &[f32], kind: Kind, eps: f32) -> (f32, f32) {
+pub(crate) fn stats(row: &[f32], kind: Kind, eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
     let mean = match kind {
         Kind::Layer => super::sum(row) / n,

@@ -4,7 +4,7 @@
 //! The output is the flow velocity v = ε − x0, shaped like the input latents.
 
 use super::layers::attention::attention;
-use super::layers::norm::{LayerNorm, RmsNorm};
+use super::layers::norm::{gated_add, LayerNorm, RmsNorm};
 use super::layers::{apply, linear};
 use crate::kernels::gelu::gelu;
 use anyhow::{bail, Result};
@@ -294,19 +294,18 @@ impl WanTransformerBlock {
         rope: &(Tensor, Tensor),
         trace: &mut Option<&mut Trace>,
     ) -> Result<Tensor> {
+        // Slots: shift, scale, gate (attention); shift, scale, gate (feed-forward).
         let modulation = timestep_proj.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?; // (B, S, 6, dim)
-        let m = |i: usize| modulation.narrow(2, i, 1).and_then(|t| t.squeeze(2)); // (B, S, dim)
-        let (shift, scale, gate) = (m(0)?, m(1)?, m(2)?);
-        let (c_shift, c_scale, c_gate) = (m(3)?, m(4)?, m(5)?);
 
         // 1. Self-attention on the modulated norm, gated residual.
-        let normed = self.norm1.forward(x)?; // (B, L, dim)
-        Trace::record(trace, "norm1", &normed);
-        let h = normed.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
+        if trace.is_some() {
+            Trace::record(trace, "norm1", &self.norm1.forward(x)?);
+        }
+        let h = self.norm1.modulated(x, &modulation, 0, 1)?; // (B, L, dim)
         let self_kv = self.attn1.key_values(&h, Some(rope))?;
         let attn = self.attn1.forward(&h, &self_kv, Some(rope))?;
         Trace::record(trace, "attn1", &attn);
-        let x = (x + attn.broadcast_mul(&gate)?)?;
+        let x = gated_add(x, &attn, &modulation, 2)?;
 
         // 2. Cross-attention to the text: plain residual, no modulation.
         let h = match &self.norm2 {
@@ -319,12 +318,13 @@ impl WanTransformerBlock {
         let x = (&x + attn)?;
 
         // 3. Feed-forward (GELU, tanh approximation) on the modulated norm, gated residual.
-        let normed = self.norm3.forward(&x)?;
-        Trace::record(trace, "norm3", &normed);
-        let h = normed.broadcast_mul(&(c_scale + 1.0)?)?.broadcast_add(&c_shift)?;
+        if trace.is_some() {
+            Trace::record(trace, "norm3", &self.norm3.forward(&x)?);
+        }
+        let h = self.norm3.modulated(&x, &modulation, 3, 4)?;
         let ff = apply(&self.ffn_out, &gelu(&apply(&self.ffn_in, &h)?)?)?;
         Trace::record(trace, "ffn", &ff);
-        Ok((x + ff.broadcast_mul(&c_gate)?)?)
+        gated_add(&x, &ff, &modulation, 5)
     }
 }
 
@@ -348,6 +348,22 @@ pub struct WanTransformer3DModel {
     proj_out: Linear,
     scale_shift_table: Tensor,
     rope: WanRotaryPosEmbed,
+}
+
+/// Per-token timesteps `(B, L)` as `(B, frames)` when every frame's tokens share one value; else
+/// unchanged.
+fn per_frame_if_constant(timestep: &Tensor, frames: usize) -> Result<Tensor> {
+    let (b, l) = timestep.dims2()?;
+    if l % frames != 0 || l == frames {
+        return Ok(timestep.clone());
+    }
+    let values = timestep.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let per_frame = l / frames;
+    if values.chunks_exact(per_frame).all(|frame| frame.iter().all(|&v| v == frame[0])) {
+        let firsts: Vec<f32> = values.iter().step_by(per_frame).copied().collect();
+        return Ok(Tensor::from_vec(firsts, (b, frames), timestep.device())?.to_dtype(timestep.dtype())?);
+    }
+    Ok(timestep.clone())
 }
 
 /// Intermediate tensors of one forward pass, for parity checks against the reference.
@@ -477,8 +493,13 @@ impl WanTransformer3DModel {
         let x = patches.broadcast_matmul(&self.patch_weight.t()?)?.broadcast_add(&self.patch_bias)?; // (B, L, dim)
         Trace::record(trace, "patch_embedding", &x);
 
-        // Timestep embedding: (B, S, dim) with S = 1 (one timestep per sample) or L (per token).
-        let timestep = if timestep.rank() == 1 { timestep.unsqueeze(1)? } else { timestep.clone() };
+        // Timestep embedding: (B, S, dim), one row per sample (S = 1), per latent frame (S = F',
+        // when per-token timesteps are constant over each frame, as frame conditioning makes
+        // them) or per token (S = L).
+        let timestep = match timestep.rank() {
+            1 => timestep.unsqueeze(1)?,
+            _ => per_frame_if_constant(timestep, gf)?,
+        };
         let s = timestep.dim(1)?;
         let features = self.timestep_features(&timestep.flatten_all()?)?; // (B·S, freq_dim)
         let temb = apply(&self.time_linear_2, &apply(&self.time_linear_1, &features)?.silu()?)?; // (B·S, dim)
@@ -504,11 +525,10 @@ impl WanTransformer3DModel {
 
         // Output head, modulated by temb (not the 6-way projection).
         let modulation = temb.unsqueeze(2)?.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?; // (B, S, 2, dim)
-        let shift = modulation.narrow(2, 0, 1)?.squeeze(2)?;
-        let scale = modulation.narrow(2, 1, 1)?.squeeze(2)?;
-        let normed = self.norm_out.forward(&x)?;
-        Trace::record(trace, "norm_out", &normed);
-        let x = normed.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?;
+        if trace.is_some() {
+            Trace::record(trace, "norm_out", &self.norm_out.forward(&x)?);
+        }
+        let x = self.norm_out.modulated(&x, &modulation, 0, 1)?;
         let x = apply(&self.proj_out, &x)?; // (B, L, C_out·pt·ph·pw)
         Trace::record(trace, "proj_out", &x);
 

@@ -39,6 +39,17 @@ impl LayerNorm {
         self.forward_composed(x)
     }
 
+    /// adaLN: `norm(x)·(1 + scale) + shift` for `x (B, L, dim)`, with shift and scale the slots
+    /// `shift`, `scale` of `modulation (B, S, K, dim)`, whose S rows cover the L tokens in equal
+    /// groups (S = 1, frames, or L).
+    pub fn modulated(&self, x: &Tensor, modulation: &Tensor, shift: usize, scale: usize) -> Result<Tensor> {
+        if kernels::fused(x) && self.affine.is_none() {
+            return kernels::adaln::modulated_norm(x, modulation, shift, scale, self.eps);
+        }
+        let slot = |i: usize| per_token(&modulation.narrow(2, i, 1)?.squeeze(2)?, x.dim(1)?);
+        Ok(self.forward_composed(x)?.broadcast_mul(&(slot(scale)? + 1.0)?)?.broadcast_add(&slot(shift)?)?)
+    }
+
     fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -50,6 +61,26 @@ impl LayerNorm {
             None => normed,
         })
     }
+}
+
+/// `x + y·gate` for `x`, `y (B, L, dim)`, with gate the slot `gate` of `modulation (B, S, K, dim)`
+/// (rows in token groups, as [`LayerNorm::modulated`]).
+pub fn gated_add(x: &Tensor, y: &Tensor, modulation: &Tensor, gate: usize) -> Result<Tensor> {
+    if kernels::fused(x) {
+        return kernels::adaln::gated_add(x, y, modulation, gate);
+    }
+    let gate = per_token(&modulation.narrow(2, gate, 1)?.squeeze(2)?, x.dim(1)?)?;
+    Ok((x + y.broadcast_mul(&gate)?)?)
+}
+
+/// Modulation rows `(B, S, dim)` repeated over their token groups: `(B, L, dim)`, or `(B, 1, dim)`
+/// (broadcast) when S = 1.
+fn per_token(rows: &Tensor, tokens: usize) -> Result<Tensor> {
+    let (b, s, dim) = rows.dims3()?;
+    if s == 1 || s == tokens {
+        return Ok(rows.clone());
+    }
+    Ok(rows.unsqueeze(2)?.broadcast_as((b, s, tokens / s, dim))?.reshape((b, tokens, dim))?)
 }
 
 /// RMSNorm over the last dimension with a learned gain: x · rsqrt(mean(x²) + eps) · weight.
@@ -94,6 +125,19 @@ mod tests {
         )?;
         let plain = LayerNorm::plain(1e-6);
         fused_matches(&[&[5, 20]], |t| plain.forward(&t[0]), |t| plain.forward_composed(&t[0]), 1e-5)?;
+        // adaLN with a modulation row per sample, per group of 3 tokens, per token.
+        for s in [1, 2, 6] {
+            let shape = [2, s, 3, 8];
+            let plain = LayerNorm::plain(1e-6);
+            let composed = |t: &[Tensor]| -> Result<Tensor> {
+                let h = plain.forward_composed(&t[0])?;
+                let slot = |i| per_token(&t[1].narrow(2, i, 1)?.squeeze(2)?, 6);
+                let h = h.broadcast_mul(&(slot(2)? + 1.0)?)?.broadcast_add(&slot(0)?)?;
+                Ok((&t[2] + h.broadcast_mul(&slot(1)?)?)?)
+            };
+            let fused = |t: &[Tensor]| gated_add(&t[2], &plain.modulated(&t[0], &t[1], 0, 2)?, &t[1], 1);
+            fused_matches(&[&[2, 6, 8], &shape, &[2, 6, 8]], fused, composed, 1e-5)?;
+        }
         let rms = |t: &[Tensor]| RmsNorm { weight: t[1].clone(), eps: 1e-6 };
         fused_matches(
             &[&[2, 3, 48], &[48]],
