@@ -17,7 +17,7 @@ pub mod rope;
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
 /// Whether `x` can take a fused CPU kernel.
-pub(crate) fn fused(x: &Tensor) -> bool {
+pub fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
 
@@ -31,7 +31,7 @@ pub(crate) fn as_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_c
 }
 
 /// Runs `f` on the f32 elements of a CPU tensor (made contiguous first if it is not).
-pub(crate) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+pub fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {

@@ -29,6 +29,30 @@ struct Slot {
     v: Tensor,
 }
 
+impl Slot {
+    /// The AdamW update in one pass over the parameter, its gradient and moments (on the CPU the
+    /// dozen tensor ops of the general path cost more than the arithmetic).
+    fn update_on_cpu(&mut self, grad: &Tensor, coefs: [f32; 8]) -> Result<()> {
+        let [clip, beta1, beta2, bc1, bc2, eps, lr, weight_decay] = coefs;
+        let to_vec = |t: &Tensor| crate::kernels::with_slice(t, <[f32]>::to_vec);
+        let (mut p, mut m, mut v) = (to_vec(self.var.as_tensor())?, to_vec(&self.m)?, to_vec(&self.v)?);
+        crate::kernels::with_slice(grad, |g| {
+            for (((p, m), v), &g) in p.iter_mut().zip(&mut m).zip(&mut v).zip(g) {
+                let g = g * clip;
+                *m = *m * beta1 + g * (1.0 - beta1);
+                *v = *v * beta2 + g * g * (1.0 - beta2);
+                let update = (*m / bc1) / ((*v / bc2).sqrt() + eps);
+                *p = *p * (1.0 - lr * weight_decay) - update * lr;
+            }
+        })?;
+        let (shape, dev) = (self.var.shape().clone(), self.var.device().clone());
+        self.m = Tensor::from_vec(m, &shape, &dev)?;
+        self.v = Tensor::from_vec(v, &shape, &dev)?;
+        self.var.set(&Tensor::from_vec(p, &shape, &dev)?)?;
+        Ok(())
+    }
+}
+
 pub struct AdamW {
     pub config: AdamWConfig,
     slots: Vec<Slot>,
@@ -56,7 +80,11 @@ impl AdamW {
         let mut total = 0f64;
         for slot in &self.slots {
             if let Some(g) = grads.get(slot.var.as_tensor()) {
-                total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                total += if crate::kernels::fused(g) {
+                    crate::kernels::with_slice(g, |g| crate::kernels::dot(g, g) as f64)?
+                } else {
+                    g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?
+                };
             }
         }
         Ok(total.sqrt())
@@ -79,6 +107,11 @@ impl AdamW {
         let (bc1, bc2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
         for slot in &mut self.slots {
             let Some(g) = grads.get(slot.var.as_tensor()) else { continue };
+            if crate::kernels::fused(g) {
+                let coefs = [clip, beta1, beta2, bc1, bc2, eps, lr, weight_decay].map(|c| c as f32);
+                slot.update_on_cpu(g, coefs)?;
+                continue;
+            }
             let g = g.affine(clip, 0.0)?;
             // Detached: optimiser state must not keep the autograd graph of past steps alive.
             slot.m = ((&slot.m * beta1)? + (&g * (1.0 - beta1))?)?.detach();
@@ -133,6 +166,15 @@ impl Ema {
     pub fn update(&mut self, vars: &HashMap<String, Var>) -> Result<()> {
         for (name, w) in self.weights.iter_mut() {
             let p = vars[name].as_tensor().detach();
+            if crate::kernels::fused(&p) {
+                let decay = self.decay as f32;
+                let mut ema = crate::kernels::with_slice(w, <[f32]>::to_vec)?;
+                crate::kernels::with_slice(&p, |p| {
+                    ema.iter_mut().zip(p).for_each(|(e, &p)| *e = *e * decay + p * (1.0 - decay))
+                })?;
+                *w = Tensor::from_vec(ema, p.shape(), p.device())?;
+                continue;
+            }
             *w = ((&*w * self.decay)? + (p * (1.0 - self.decay))?)?.detach();
         }
         Ok(())
