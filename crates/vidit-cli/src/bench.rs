@@ -39,6 +39,13 @@ pub struct BenchArgs {
     /// Compute device: cpu, or cuda / cuda:N (needs the `cuda` build feature).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Time DiT + text encoder training steps of the built-in model's config instead (random
+    /// latents, batch --batch-size, flow matching, AdamW, EMA).
+    #[arg(long, conflicts_with_all = ["model", "config"])]
+    train: bool,
+    /// Batch size of --train.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -110,6 +117,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut report = serde_json::Map::new();
     report.insert("machine".into(), machine());
     report.insert("matmul_1024".into(), matmul_1024(&device, args.warmup, args.iters)?);
+    if args.train {
+        report.insert("model".into(), json!("built-in config (random weights)"));
+        report.insert("train_step".into(), training_step(args.batch_size, args.warmup, args.iters, &device)?);
+        return finish(report, args.json);
+    }
     match args.config {
         Some(named) => {
             let (transformer, mut inputs) = named_case(named, args.save.as_deref(), &device)?;
@@ -136,14 +148,68 @@ pub fn run(args: BenchArgs) -> Result<()> {
             report.insert("vae_decode".into(), vae_decode(&model, &inputs.latents, args.warmup, args.iters)?);
         }
     }
+    finish(report, args.json)
+}
+
+fn finish(mut report: serde_json::Map<String, Value>, as_json: bool) -> Result<()> {
     report.insert("peak_rss_mb".into(), json!(peak_rss_mb()));
     let report = Value::Object(report);
-    if args.json {
+    if as_json {
         println!("{report}");
     } else {
         print_table(&report);
     }
     Ok(())
+}
+
+/// Training steps of the built-in model's DiT and text encoder on a pool of random latents, timed
+/// step by step through the trainer (forward, backward, clipping, AdamW, EMA).
+fn training_step(batch_size: usize, warmup: usize, iters: usize, device: &Device) -> Result<Value> {
+    use vidit::train::builtin;
+    use vidit::train::data::shapes::{Combination, Split};
+    use vidit::train::dit::{train_dit, DitTraining, LatentPool};
+    use vidit::train::objective::Objective;
+    use vidit::train::trainer::{RunDir, StepReport, TrainOptions};
+    if batch_size == 0 {
+        return Err(input_error("--batch-size: must be at least 1"));
+    }
+    let tokenizer = builtin::word_tokenizer(&vidit::train::data::shapes::vocabulary())?;
+    let vae = builtin::vae_config();
+    let generation = builtin::generation_config();
+    let setup = DitTraining {
+        transformer: builtin::transformer_config(vae.z_dim, 64),
+        text_encoder: builtin::text_encoder_config(tokenizer.get_vocab_size(true)),
+        objective: Objective::FlowMatching { shift: 3.0 },
+        batch_size,
+        max_sequence_length: generation.max_sequence_length,
+        caption_dropout: 0.1,
+        pool_size: 256,
+        pool_seed: 0,
+    };
+    let frames = (builtin::FRAMES - 1) / vae.temporal_factor() + 1;
+    let (h, w) = (builtin::HEIGHT / vae.spatial_factor(), builtin::WIDTH / vae.spatial_factor());
+    let combos = Combination::all(Split::Train);
+    let pool = LatentPool {
+        latents: vidit::noise::randn(5, &[setup.pool_size, vae.z_dim, frames, h, w], device)?,
+        captions: (0..setup.pool_size).map(|i| combos[i % combos.len()].caption()).collect(),
+        mean: vec![0.0; vae.z_dim],
+        std: vec![1.0; vae.z_dim],
+    };
+    let dir = tempfile::tempdir()?;
+    let run = RunDir { root: dir.path().to_path_buf() };
+    let options = TrainOptions { steps: warmup + iters, checkpoint_every: usize::MAX, ..Default::default() };
+    let mut marks = vec![Instant::now()];
+    train_dit(&setup, &pool, &tokenizer, &options, &run, device, |_: &StepReport| {
+        marks.push(Instant::now())
+    })?;
+    let mut times: Vec<f64> =
+        marks.windows(2).skip(warmup).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
+    times.sort_by(f64::total_cmp);
+    let ms = times[times.len() / 2];
+    let tokens = setup.transformer.tokens(frames, h, w);
+    Ok(
+        json!({ "batch_size": batch_size, "tokens": tokens, "ms": ms, "samples_per_s": batch_size as f64 * 1e3 / ms }),
+    )
 }
 
 /// Random weights for a named config (written to `save/transformer/` when given) and its inputs.

@@ -107,9 +107,12 @@ fn modulation_init(dim: usize) -> candle_nn::Init {
 /// 3-D rotary position embedding: the head dimension is split into time/height/width parts
 /// (h = w = 2⌊d/6⌋, t = the rest), each a 1-D table over integer positions, built in f64.
 pub struct WanRotaryPosEmbed {
-    /// Per axis (t, h, w): (cos, sin) tables `(max_seq_len, part/2)`.
-    tables: Vec<(Tensor, Tensor)>,
+    /// Per axis (t, h, w): (cos, sin) of `max_seq_len × part/2` angles, row-major.
+    tables: Vec<(Vec<f32>, Vec<f32>)>,
+    halves: [usize; 3],
+    max_seq_len: usize,
     patch_size: [usize; 3],
+    device: Device,
 }
 
 impl WanRotaryPosEmbed {
@@ -130,34 +133,36 @@ impl WanRotaryPosEmbed {
                         sin.push(angle.sin() as f32);
                     }
                 }
-                Ok((
-                    Tensor::from_vec(cos, (max_seq_len, half), device)?,
-                    Tensor::from_vec(sin, (max_seq_len, half), device)?,
-                ))
+                (cos, sin)
             })
-            .collect::<Result<_>>()?;
-        Ok(Self { tables, patch_size })
+            .collect();
+        Ok(Self { tables, halves: parts.map(|p| p / 2), max_seq_len, patch_size, device: device.clone() })
     }
 
     /// (cos, sin) per token for a latent grid `(F, H, W)`: each `(L, head_dim/2)`, tokens in (f, h, w) order.
     pub fn forward(&self, frames: usize, height: usize, width: usize) -> Result<(Tensor, Tensor)> {
         let grid = [frames / self.patch_size[0], height / self.patch_size[1], width / self.patch_size[2]];
-        let mut cos_parts = Vec::new();
-        let mut sin_parts = Vec::new();
-        for (axis, (cos, sin)) in self.tables.iter().enumerate() {
-            if grid[axis] > cos.dim(0)? {
-                bail!("latent grid {grid:?} exceeds rope_max_seq_len {}", cos.dim(0)?);
-            }
-            let mut shape = [1usize, 1, 1, cos.dim(1)?];
-            shape[axis] = grid[axis];
-            let target = (grid[0], grid[1], grid[2], cos.dim(1)?);
-            cos_parts.push(cos.narrow(0, 0, grid[axis])?.reshape(&shape[..])?.broadcast_as(target)?);
-            sin_parts.push(sin.narrow(0, 0, grid[axis])?.reshape(&shape[..])?.broadcast_as(target)?);
+        if grid.iter().any(|&g| g > self.max_seq_len) {
+            bail!("latent grid {grid:?} exceeds rope_max_seq_len {}", self.max_seq_len);
         }
+        let half: usize = self.halves.iter().sum();
         let tokens = grid[0] * grid[1] * grid[2];
-        let cos = Tensor::cat(&cos_parts, D::Minus1)?.reshape((tokens, ()))?;
-        let sin = Tensor::cat(&sin_parts, D::Minus1)?.reshape((tokens, ()))?;
-        Ok((cos, sin))
+        let (mut cos, mut sin) = (Vec::with_capacity(tokens * half), Vec::with_capacity(tokens * half));
+        for f in 0..grid[0] {
+            for h in 0..grid[1] {
+                for w in 0..grid[2] {
+                    for (axis, pos) in [f, h, w].into_iter().enumerate() {
+                        let n = self.halves[axis];
+                        cos.extend_from_slice(&self.tables[axis].0[pos * n..][..n]);
+                        sin.extend_from_slice(&self.tables[axis].1[pos * n..][..n]);
+                    }
+                }
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (tokens, half), &self.device)?,
+            Tensor::from_vec(sin, (tokens, half), &self.device)?,
+        ))
     }
 }
 
