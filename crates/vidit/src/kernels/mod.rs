@@ -9,6 +9,7 @@
 
 pub mod adaln;
 pub mod attention;
+pub mod conv3d;
 pub mod gelu;
 pub mod linear;
 pub mod norm;

@@ -55,6 +55,18 @@ impl CausalConv3d {
         if t < self.kt {
             bail!("causal conv3d: {t} frames are fewer than the kernel's {}", self.kt);
         }
+        // Inference on the CPU: the direct kernel. Training keeps the conv2d route (its backward).
+        if crate::kernels::fused(&x) && !(x.track_op() || self.weight.track_op()) {
+            let (o, _, kh, kw) = self.weight.dims4()?;
+            let weight = self.weight.reshape((o, c, self.kt, kh, kw))?;
+            return crate::kernels::conv3d::conv3d(
+                &x,
+                &weight,
+                &self.bias,
+                self.stride_t,
+                (self.pad_h, self.pad_w),
+            );
+        }
         let t_out = (t - self.kt) / self.stride_t + 1;
         // Gather the kt frame taps of every output frame: (B, C, kt, T_out, H, W).
         let taps: Vec<Tensor> = (0..self.kt)
@@ -154,7 +166,6 @@ mod tests {
             &dev,
         );
         let conv = CausalConv3d::new(c, o, kernel, stride_t, pad, vb)?;
-        let y = conv.forward(&x, None)?;
         let expected = reference(
             &x.flatten_all()?.to_vec1()?,
             [c, t, h, w],
@@ -164,10 +175,14 @@ mod tests {
             [pad.0, pad.1, pad.2],
             stride_t,
         );
-        let got = y.flatten_all()?.to_vec1::<f32>()?;
-        assert_eq!(got.len(), expected.len());
-        let err = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(err < 1e-4, "max error {err}");
+        // The inference kernel, and the differentiable route training takes (a tracked input).
+        let tracked = candle_core::Var::from_tensor(&x)?;
+        for (route, y) in [("kernel", conv.forward(&x, None)?), ("autograd", conv.forward(&tracked, None)?)] {
+            let got = y.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(got.len(), expected.len());
+            let err = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-4, "{route}: max error {err}");
+        }
         Ok(())
     }
 
