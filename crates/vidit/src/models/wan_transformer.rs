@@ -248,9 +248,9 @@ impl WanAttention {
 
 pub struct WanTransformerBlock {
     norm1: LayerNorm,
-    attn1: WanAttention,
+    pub attn1: WanAttention,
     norm2: Option<LayerNorm>,
-    attn2: WanAttention,
+    pub attn2: WanAttention,
     norm3: LayerNorm,
     ffn_in: Linear,
     ffn_out: Linear,
