@@ -78,21 +78,26 @@ unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 /// e^x in f32 to about 1 ulp, branch-free so that loops over it vectorise: x = n·ln2 + r with
-/// |r| ≤ ln2/2, e^r by its degree-7 Taylor polynomial, 2^n built in the exponent bits.
+/// |r| ≤ ln2/2, e^r by its degree-7 Taylor polynomial, 2^n built in the exponent bits. n comes
+/// from adding 1.5·2²³ (which rounds to an integer in the low mantissa bits), not from `floor`,
+/// which is a library call on the baseline x86-64 target.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + 0.5).floor();
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³
+    let x = x.max(-87.3).min(88.3);
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // The integer n sits in the low bits of `shifted`: its bit pattern is ROUND's plus n.
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    p * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// Σ x over 16 interleaved partial sums, so that the loop vectorises (a single running sum
