@@ -1,4 +1,5 @@
-//! 3-D convolution forward (inference), spatial stride 1, temporal stride s, symmetric zero
+//! 3-D (and 2-D) convolution forward, and the kernel gradient of the 2-D convolution training
+//! folds the 3-D one into. Forward: spatial stride s, temporal stride s_t, symmetric zero
 //! padding in height and width applied on the fly: per (sample, output frame, band of output
 //! rows), the band's input patches are gathered into one column matrix (never a padded copy of the
 //! clip, never the whole clip's columns) and multiplied by the `(O, C·kt·kh·kw)` kernel matrix
@@ -32,12 +33,149 @@ pub fn conv3d(
             bias.dims()
         );
     }
-    let op = Conv3d { stride_t, pad };
+    let op = Conv3d { stride_t, stride: 1, pad };
     Ok(x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)?)
+}
+
+/// How patches are taken from `h × w` planes: kernel `kh × kw`, zero padding, stride, and the
+/// output width.
+#[derive(Clone, Copy)]
+pub(crate) struct Patches {
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub pad: (usize, usize),
+    pub stride: usize,
+    pub w_out: usize,
+}
+
+/// im2col for output rows `[first_row, first_row + rows)`: `cols[(plane, i, j)][(r, xo)]` =
+/// plane[(first_row + r)·s + i − ph][xo·s + j − pw], zero outside the plane.
+pub(crate) fn gather<'a>(
+    planes: impl Iterator<Item = &'a [f32]>,
+    d: Patches,
+    first_row: usize,
+    rows: usize,
+    cols: &mut [f32],
+) {
+    let n = rows * d.w_out;
+    let (ph, pw, s) = (d.pad.0 as isize, d.pad.1 as isize, d.stride as isize);
+    for (p, src) in planes.enumerate() {
+        for i in 0..d.kh {
+            for j in 0..d.kw {
+                let col = &mut cols[((p * d.kh + i) * d.kw + j) * n..][..n];
+                for r in 0..rows {
+                    let dst = &mut col[r * d.w_out..][..d.w_out];
+                    let y = (first_row + r) as isize * s + i as isize - ph;
+                    if y < 0 || y >= d.h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src_row = &src[y as usize * d.w..][..d.w];
+                    for (xo, v) in dst.iter_mut().enumerate() {
+                        let x = xo as isize * s + j as isize - pw;
+                        *v = if x >= 0 && x < d.w as isize { src_row[x as usize] } else { 0.0 };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// ∂L/∂W of a 2-D convolution: `x (N, C, H, W)`, output gradient `g (N, O, Ho, Wo)`, kernel
+/// `kh × kw`, symmetric `padding`, `stride`; returns `(O, C·kh·kw)`. Per (sample, band of output
+/// rows), the band's patches go into a reused column buffer and one matmul adds g·colsᵀ into the
+/// thread's partial sum (no whole-batch column matrix, no fresh pages each call).
+pub(crate) fn conv2d_grad_weight(x: &[f32], xd: [usize; 4], g: &[f32], o: usize, d: Patches) -> Vec<f32> {
+    let [nb, c, h, w] = xd;
+    let h_out = (h + 2 * d.pad.0 - d.kh) / d.stride + 1;
+    let k = c * d.kh * d.kw;
+    let band = (BAND_ELEMENTS / (k * d.w_out)).clamp(1, h_out);
+    let bands = h_out.div_ceil(band);
+    (0..nb * bands)
+        .into_par_iter()
+        .fold(
+            || (vec![0f32; o * k], vec![0f32; k * band * d.w_out]),
+            |(mut dw, mut cols), task| {
+                let (sample, first_row) = (task / bands, (task % bands) * band);
+                let rows = band.min(h_out - first_row);
+                let n = rows * d.w_out;
+                let planes = (0..c).map(|ci| &x[(sample * c + ci) * h * w..][..h * w]);
+                gather(planes, d, first_row, rows, &mut cols);
+                let gp = &g[sample * o * h_out * d.w_out + first_row * d.w_out..];
+                // SAFETY: g rows of this band: o·(Ho·Wo) + n ≤ the sample's gradient; cols is k × n.
+                unsafe {
+                    gemm::gemm(
+                        o,
+                        k,
+                        n,
+                        dw.as_mut_ptr(),
+                        1,
+                        k as isize,
+                        true,
+                        gp.as_ptr(),
+                        1,
+                        (h_out * d.w_out) as isize,
+                        cols.as_ptr(),
+                        n as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+                (dw, cols)
+            },
+        )
+        .map(|(dw, _)| dw)
+        .reduce(
+            || vec![0f32; o * k],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )
+}
+
+/// `x (B, C, H, W)` ⊛ `weight (O, C, kh, kw)` [+ `bias`], symmetric zero `padding`, `stride`:
+/// the same kernel with one frame (no backward; [`crate::models::layers::conv2d`] adds it).
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (o, wc, kh, kw) = weight.dims4()?;
+    if wc != c || stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+        bail!("conv2d: input {:?}, weight {:?}, padding {padding}, stride {stride}", x.dims(), weight.dims());
+    }
+    let zeros;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zeros = Tensor::zeros(o, x.dtype(), x.device())?;
+            &zeros
+        }
+    };
+    let op = Conv3d { stride_t: 1, stride, pad: (padding, padding) };
+    let y = x.reshape((b, c, 1, h, w))?.contiguous()?.apply_op3_no_bwd(
+        &weight.reshape((o, c, 1, kh, kw))?.contiguous()?,
+        &bias.contiguous()?,
+        &op,
+    )?;
+    Ok(y.squeeze(2)?)
 }
 
 struct Conv3d {
     stride_t: usize,
+    /// Spatial stride (height and width).
+    stride: usize,
     pad: (usize, usize),
 }
 
@@ -62,7 +200,9 @@ impl CustomOp3 for Conv3d {
         if h + 2 * ph < kh || wi + 2 * pw < kw {
             candle_core::bail!("conv3d: kernel {kh}x{kw} larger than the padded frame");
         }
-        let (t_out, h_out, w_out) = ((t - kt) / self.stride_t + 1, h + 2 * ph - kh + 1, wi + 2 * pw - kw + 1);
+        let ss = self.stride;
+        let (t_out, h_out, w_out) =
+            ((t - kt) / self.stride_t + 1, (h + 2 * ph - kh) / ss + 1, (wi + 2 * pw - kw) / ss + 1);
         let k = c * kt * kh * kw;
         let band = (BAND_ELEMENTS / (k * w_out)).clamp(1, h_out);
         let bands = h_out.div_ceil(band);
@@ -77,36 +217,13 @@ impl CustomOp3 for Conv3d {
                 let first_row = band_index * band;
                 let rows = band.min(h_out - first_row);
                 let n = rows * w_out;
-                // Gather: cols[(ci, a, i, j)][(r, xo)] = x[sample, ci, frame·s + a, first_row + r + i − ph, xo + j − pw].
-                for ci in 0..c {
-                    for a in 0..kt {
-                        let src =
-                            &x[((sample * c + ci) * t + frame * self.stride_t + a) * h * wi..][..h * wi];
-                        for i in 0..kh {
-                            for j in 0..kw {
-                                let row_of_k = ((ci * kt + a) * kh + i) * kw + j;
-                                let col = &mut cols[row_of_k * n..][..n];
-                                for r in 0..rows {
-                                    let dst_row = &mut col[r * w_out..][..w_out];
-                                    let y = (first_row + r + i) as isize - ph as isize;
-                                    if y < 0 || y >= h as isize {
-                                        dst_row.fill(0.0);
-                                        continue;
-                                    }
-                                    let src_row = &src[y as usize * wi..][..wi];
-                                    // xo + j − pw in [0, wi): xo in [pw − j, wi + pw − j).
-                                    let lo = pw.saturating_sub(j).min(w_out);
-                                    let hi = (wi + pw).saturating_sub(j).min(w_out);
-                                    dst_row[..lo].fill(0.0);
-                                    if hi > lo {
-                                        dst_row[lo..hi].copy_from_slice(&src_row[lo + j - pw..hi + j - pw]);
-                                    }
-                                    dst_row[hi.max(lo)..].fill(0.0);
-                                }
-                            }
-                        }
-                    }
-                }
+                // Planes in (ci, a) order: input channel ci at frame frame·s + a.
+                let planes = (0..c * kt).map(|p| {
+                    let (ci, a) = (p / kt, p % kt);
+                    &x[((sample * c + ci) * t + frame * self.stride_t + a) * h * wi..][..h * wi]
+                });
+                let frame_dims = Patches { h, w: wi, kh, kw, pad: (ph, pw), stride: ss, w_out };
+                gather(planes, frame_dims, first_row, rows, cols);
                 // SAFETY: this task alone writes rows [first_row, first_row + rows) of output frame
                 // `frame` of `sample`, for every output channel.
                 unsafe {

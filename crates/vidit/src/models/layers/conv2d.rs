@@ -14,12 +14,15 @@ use candle_nn::VarBuilder;
 
 /// `(B, C, H, W)` ⊛ `(O, C, kh, kw)` with symmetric zero `padding` and `stride`.
 pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let y = x.conv2d(weight, padding, stride, 1, 1)?;
-    // Other devices keep candle's backward (their conv_transpose2d is not the scalar loop).
-    if !x.device().is_cpu() || !(x.track_op() || weight.track_op()) {
+    // Other devices keep candle's conv2d and its backward (their conv_transpose2d is not the
+    // scalar loop).
+    if !crate::kernels::fused(x) {
+        return Ok(x.conv2d(weight, padding, stride, 1, 1)?);
+    }
+    let y = crate::kernels::conv3d::conv2d(&x.detach(), &weight.detach(), None, padding, stride)?;
+    if !(x.track_op() || weight.track_op()) {
         return Ok(y);
     }
-    let y = y.detach().contiguous()?;
     Ok(x.apply_op3(weight, &y, Conv2dGrad { padding, stride })?)
 }
 
@@ -115,8 +118,8 @@ fn grad_input(x: &Tensor, weight: &Tensor, grad: &Tensor, padding: usize, stride
     // Pad by k−1−p on each side (a kernel-sized pad less what the forward padded).
     let (ph, pw) = (kh - 1 - padding, kw - 1 - padding);
     let g = g.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?;
-    let gx = g.conv2d(&turned, 0, 1, 1, 1)?; // (B, C, H − r, W − r)
-                                             // Rows and columns the strided forward never reached get zero gradient.
+    let gx = crate::kernels::conv3d::conv2d(&g, &turned, None, 0, 1)?; // (B, C, H − r, W − r)
+                                                                       // Rows and columns the strided forward never reached get zero gradient.
     let (_, _, gh, gw) = gx.dims4()?;
     Ok(gx.pad_with_zeros(2, 0, h - gh)?.pad_with_zeros(3, 0, w - gw)?)
 }
@@ -132,36 +135,18 @@ fn dilate(t: &Tensor, dim: usize, stride: usize) -> Result<Tensor> {
     Ok(interleaved.reshape(dims)?.narrow(dim, 0, (n - 1) * stride + 1)?)
 }
 
-/// ∂L/∂W = Σ over batch and positions of grad ⊗ the input patch: one `(O, N) × (N, C·kh·kw)` matmul.
+/// ∂L/∂W = Σ over batch and positions of grad ⊗ the input patch (im2col in bands, one matmul
+/// each: [`crate::kernels::conv3d::conv2d_grad_weight`]).
 fn grad_weight(x: &Tensor, weight: &Tensor, grad: &Tensor, op: &Conv2dGrad) -> Result<Tensor> {
+    use crate::kernels::{conv3d::Patches, with_slice};
     let (o, c, kh, kw) = weight.dims4()?;
-    let (b, _, ho, wo) = grad.dims4()?;
-    let s = op.stride;
-    let xp = x.pad_with_zeros(2, op.padding, op.padding)?.pad_with_zeros(3, op.padding, op.padding)?;
-    let mut taps = Vec::with_capacity(kh * kw);
-    for i in 0..kh {
-        for j in 0..kw {
-            let patch = xp.narrow(2, i, (ho - 1) * s + 1)?.narrow(3, j, (wo - 1) * s + 1)?;
-            taps.push(subsample(&subsample(&patch, 2, s, ho)?, 3, s, wo)?); // (B, C, Ho, Wo)
-        }
-    }
-    let cols = Tensor::stack(&taps, 2)? // (B, C, kh·kw, Ho, Wo)
-        .permute((1, 2, 0, 3, 4))? // (C, kh·kw, B, Ho, Wo)
-        .reshape((c * kh * kw, b * ho * wo))?;
-    let g = grad.transpose(0, 1)?.reshape((o, b * ho * wo))?; // (O, N)
-    Ok(g.matmul(&cols.t()?)?.reshape((o, c, kh, kw))?)
-}
-
-/// Every `stride`-th element along `dim`, `n` of them, from a dimension of (n − 1)·stride + 1.
-fn subsample(t: &Tensor, dim: usize, stride: usize, n: usize) -> Result<Tensor> {
-    if stride == 1 {
-        return Ok(t.clone());
-    }
-    let t = t.pad_with_zeros(dim, 0, stride - 1)?; // n·stride
-    let mut dims = t.dims().to_vec();
-    dims[dim] = n;
-    dims.insert(dim + 1, stride);
-    Ok(t.reshape(dims)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)?)
+    let (b, xc, h, w) = x.dims4()?;
+    let (_, _, _, w_out) = grad.dims4()?;
+    let patches = Patches { h, w, kh, kw, pad: (op.padding, op.padding), stride: op.stride, w_out };
+    let dw = with_slice(x, |xs| {
+        with_slice(grad, |g| crate::kernels::conv3d::conv2d_grad_weight(xs, [b, xc, h, w], g, o, patches))
+    })??;
+    Ok(Tensor::from_vec(dw, (o, c, kh, kw), x.device())?)
 }
 
 #[cfg(test)]
@@ -169,7 +154,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// Gradients of Σ (conv2d(x, w) ⊙ r) match candle's own conv2d backward.
+    /// conv2d(x, w) and the gradients of Σ (conv2d(x, w) ⊙ r) match candle's own conv2d and its backward.
     fn check(c: usize, o: usize, k: usize, padding: usize, stride: usize, hw: (usize, usize)) -> Result<()> {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&crate::noise::randn(1, &[2, c, hw.0, hw.1], &dev)?)?;
@@ -177,6 +162,8 @@ mod tests {
         let ours = conv2d(&x, &w, padding, stride)?;
         let theirs = x.conv2d(&w, padding, stride, 1, 1)?;
         assert_eq!(ours.dims(), theirs.dims());
+        let forward_err = (&ours - &theirs)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(forward_err < 1e-4, "forward: k {k} p {padding} s {stride}: {forward_err}");
         let r = crate::noise::randn(3, ours.dims(), &dev)?;
         let g_ours = (ours * &r)?.sum_all()?.backward()?;
         let g_theirs = (theirs * &r)?.sum_all()?.backward()?;
