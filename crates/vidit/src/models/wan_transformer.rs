@@ -248,9 +248,9 @@ impl WanAttention {
 
 pub struct WanTransformerBlock {
     norm1: LayerNorm,
-    pub attn1: WanAttention,
+    attn1: WanAttention,
     norm2: Option<LayerNorm>,
-    pub attn2: WanAttention,
+    attn2: WanAttention,
     norm3: LayerNorm,
     ffn_in: Linear,
     ffn_out: Linear,
