@@ -404,6 +404,17 @@ fn print_table(r: &Value) {
         num(&r["matmul_1024"]["ms"]),
         num(&r["matmul_1024"]["gflops"])
     );
+    if let Some(t) = r.get("train_step") {
+        println!(
+            "training step (batch {}, {} tokens): {} ms, {} samples/s",
+            t["batch_size"],
+            t["tokens"],
+            num(&t["ms"]),
+            num(&t["samples_per_s"])
+        );
+        println!("peak RSS: {} MB", num(&r["peak_rss_mb"]));
+        return;
+    }
     let s = &r["denoising_step"];
     println!("tokens: {} latent, {} text", s["tokens"], s["text_tokens"]);
     println!(

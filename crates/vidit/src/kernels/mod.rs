@@ -87,7 +87,7 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³
-    // max/min (not clamp) so that NaN maps into range: the bit arithmetic below needs a number.
+                                     // max/min (not clamp) so that NaN maps into range: the bit arithmetic below needs a number.
     #[allow(clippy::manual_clamp)]
     let x = x.max(-87.3).min(88.3);
     let shifted = x * LOG2E + ROUND;
