@@ -6,7 +6,7 @@
 //! The backward pass recomputes each block's probabilities P and, with δ = rowsum(dO ∘ O):
 //! dV = Σ Pᵀ·dO, dS = P ∘ (dO·Vᵀ − δ), dQ = scale·dS·K, dK = scale·Σ dSᵀ·Q.
 
-use super::{as_slice, with_slice, SharedMut};
+use super::{as_slice, matmul, with_slice, SharedMut};
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use gemm::Parallelism;
@@ -53,49 +53,23 @@ impl Dims {
     }
 }
 
-/// `dst (m × n) = beta·lhs (m × k)·rhs (k × n) [+ dst]`, single-threaded (tasks are the threads).
-/// Strides are (row, column) in elements.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_strides: (isize, isize),
-    accumulate: bool,
-    lhs: *const f32,
-    lhs_strides: (isize, isize),
-    rhs: *const f32,
-    rhs_strides: (isize, isize),
-    beta: f32,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_strides.1,
-        dst_strides.0,
-        accumulate,
-        lhs,
-        lhs_strides.1,
-        lhs_strides.0,
-        rhs,
-        rhs_strides.1,
-        rhs_strides.0,
-        1.0,
-        beta,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
-}
-
 /// Scores of `rows` queries starting at `q` against all keys, softmaxed in place into `p`
 /// (`rows × lk`, normalised).
 unsafe fn probabilities(dims: Dims, scale: f32, q: *const f32, k: *const f32, rows: usize, p: &mut [f32]) {
     let (lk, row) = (dims.lk, dims.row());
     // S = scale · Q·Kᵀ: Kᵀ's element (i, j) is k[j·row + i].
-    matmul((rows, lk, dims.d), p.as_mut_ptr(), (lk as isize, 1), false, q, (row, 1), k, (1, row), scale);
+    matmul(
+        (rows, lk, dims.d),
+        p.as_mut_ptr(),
+        (lk as isize, 1),
+        false,
+        q,
+        (row, 1),
+        k,
+        (1, row),
+        scale,
+        Parallelism::None,
+    );
     p.chunks_exact_mut(lk).for_each(softmax);
 }
 
@@ -145,6 +119,7 @@ impl Attention {
                         vp,
                         (dims.row(), 1),
                         1.0,
+                        Parallelism::None,
                     );
                 }
             },
@@ -188,6 +163,7 @@ impl Attention {
                             gp,
                             (row, 1),
                             1.0,
+                            Parallelism::None,
                         );
                         // dP = dO·Vᵀ
                         matmul(
@@ -200,6 +176,7 @@ impl Attention {
                             vp,
                             (1, row),
                             1.0,
+                            Parallelism::None,
                         );
                         // dS = P ∘ (dP − δ), δ_i = dO_i · O_i
                         for i in 0..rows {
@@ -219,6 +196,7 @@ impl Attention {
                             kp,
                             (row, 1),
                             self.scale,
+                            Parallelism::None,
                         );
                         // dK += scale·dSᵀ·Q
                         matmul(
@@ -231,6 +209,7 @@ impl Attention {
                             qp,
                             (row, 1),
                             self.scale,
+                            Parallelism::None,
                         );
                     }
                 }

@@ -5,7 +5,7 @@
 //! clip, never the whole clip's columns) and multiplied by the `(O, C·kt·kh·kw)` kernel matrix
 //! straight into the output, which starts as the bias. Bands are spread over the threads.
 
-use super::{as_slice, SharedMut};
+use super::{as_slice, matmul, SharedMut};
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use gemm::Parallelism;
@@ -106,25 +106,19 @@ pub(crate) fn conv2d_grad_weight(x: &[f32], xd: [usize; 4], g: &[f32], o: usize,
                 let gp = &g[sample * o * h_out * d.w_out + first_row * d.w_out..];
                 // SAFETY: g rows of this band: o·(Ho·Wo) + n ≤ the sample's gradient; cols is k × n.
                 unsafe {
-                    gemm::gemm(
-                        o,
-                        k,
-                        n,
+                    let g_strides = ((h_out * d.w_out) as isize, 1);
+                    // g (O × n) · colsᵀ (n × K): colsᵀ's element (p, kk) is cols[kk·n + p].
+                    let (gp, cp) = (gp.as_ptr(), cols.as_ptr());
+                    matmul(
+                        (o, k, n),
                         dw.as_mut_ptr(),
-                        1,
-                        k as isize,
+                        (k as isize, 1),
                         true,
-                        gp.as_ptr(),
-                        1,
-                        (h_out * d.w_out) as isize,
-                        cols.as_ptr(),
-                        n as isize,
-                        1,
+                        gp,
+                        g_strides,
+                        cp,
+                        (1, n as isize),
                         1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
                         Parallelism::None,
                     );
                 }
@@ -232,25 +226,17 @@ impl CustomOp3 for Conv3d {
                     for (oc, &bv) in bias.iter().enumerate() {
                         std::slice::from_raw_parts_mut(base.offset(oc as isize * channel_stride), n).fill(bv);
                     }
-                    gemm::gemm(
-                        o,
-                        n,
-                        k,
+                    let (wp, cp) = (w.as_ptr(), cols.as_ptr());
+                    matmul(
+                        (o, n, k),
                         base,
-                        1,
-                        channel_stride,
+                        (channel_stride, 1),
                         true,
-                        w.as_ptr(),
-                        1,
-                        k as isize,
-                        cols.as_ptr(),
-                        1,
-                        n as isize,
+                        wp,
+                        (k as isize, 1),
+                        cp,
+                        (n as isize, 1),
                         1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
                         Parallelism::None,
                     );
                 }

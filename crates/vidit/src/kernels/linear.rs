@@ -2,7 +2,7 @@
 //! PyTorch's `W (out, in)`. Backward: dx = g·W, dW = gᵀ·x, db = Σ_rows g, each one matmul or one
 //! pass (candle's route reduces the bias gradient through a generic broadcast reduction).
 
-use super::{as_slice, with_slice};
+use super::{as_slice, matmul, with_slice};
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use gemm::Parallelism;
@@ -31,39 +31,28 @@ fn parallelism() -> Parallelism {
     }
 }
 
-/// `dst (m × n) = lhs (m × k)·rhs (k × n) [+ dst]`, strides (row, column) in elements.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    (m, n, k): (usize, usize, usize),
+/// `dst (m × n) = lhs (m × k)·rhs (k × n) [+ dst]` over slices, threaded; strides (row, column).
+fn matmul_slices(
+    dims: (usize, usize, usize),
     dst: &mut [f32],
     accumulate: bool,
-    lhs: &[f32],
-    lhs_strides: (isize, isize),
-    rhs: &[f32],
-    rhs_strides: (isize, isize),
+    (lhs, lhs_strides): (&[f32], (isize, isize)),
+    (rhs, rhs_strides): (&[f32], (isize, isize)),
 ) {
-    debug_assert!(dst.len() >= m * n);
+    debug_assert!(dst.len() >= dims.0 * dims.1);
+    let dst_strides = (dims.1 as isize, 1);
     // SAFETY: the callers' strides address m·k elements of lhs and k·n of rhs (checked shapes).
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        matmul(
+            dims,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            dst_strides,
             accumulate,
             lhs.as_ptr(),
-            lhs_strides.1,
-            lhs_strides.0,
+            lhs_strides,
             rhs.as_ptr(),
-            rhs_strides.1,
-            rhs_strides.0,
+            rhs_strides,
             1.0,
-            1.0,
-            false,
-            false,
-            false,
             parallelism(),
         )
     }
@@ -84,14 +73,12 @@ impl Linear {
             None => vec![0f32; rows * out_dim],
         };
         // Wᵀ's element (i, j) is W[j·in + i].
-        matmul(
+        matmul_slices(
             (rows, out_dim, in_dim),
             &mut out,
             bias.is_some(),
-            xs,
-            (in_dim as isize, 1),
-            ws,
-            (1, in_dim as isize),
+            (xs, (in_dim as isize, 1)),
+            (ws, (1, in_dim as isize)),
         );
         let mut dims = x.1.shape().dims().to_vec();
         *dims.last_mut().expect("rank ≥ 1") = out_dim;
@@ -111,24 +98,20 @@ impl Linear {
             with_slice(w, |ws| {
                 with_slice(grad, |g| {
                     let mut dx = vec![0f32; rows * in_dim];
-                    matmul(
+                    matmul_slices(
                         (rows, in_dim, out_dim),
                         &mut dx,
                         false,
-                        g,
-                        (out_dim as isize, 1),
-                        ws,
-                        (in_dim as isize, 1),
+                        (g, (out_dim as isize, 1)),
+                        (ws, (in_dim as isize, 1)),
                     );
                     let mut dw = vec![0f32; out_dim * in_dim];
-                    matmul(
+                    matmul_slices(
                         (out_dim, in_dim, rows),
                         &mut dw,
                         false,
-                        g,
-                        (1, out_dim as isize),
-                        xs,
-                        (in_dim as isize, 1),
+                        (g, (1, out_dim as isize)),
+                        (xs, (in_dim as isize, 1)),
                     );
                     let mut db = vec![0f32; out_dim];
                     for row in g.chunks_exact(out_dim) {

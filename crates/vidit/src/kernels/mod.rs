@@ -71,6 +71,47 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+/// `dst (m × n) = beta·lhs (m × k)·rhs (k × n) [+ dst]` by gemm; strides are (row, column) in
+/// elements, so transposed and token-major views need no copies.
+///
+/// # Safety
+/// The pointers with their strides must address m·n, m·k and k·n valid elements.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_strides: (isize, isize),
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_strides: (isize, isize),
+    rhs: *const f32,
+    rhs_strides: (isize, isize),
+    beta: f32,
+    parallelism: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_strides.1,
+        dst_strides.0,
+        accumulate,
+        lhs,
+        lhs_strides.1,
+        lhs_strides.0,
+        rhs,
+        rhs_strides.1,
+        rhs_strides.0,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
 /// A raw pointer that rayon tasks writing disjoint regions may share.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut(pub *mut f32);
