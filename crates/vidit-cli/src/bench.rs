@@ -363,13 +363,7 @@ fn machine() -> Value {
             .map(|v| v.trim().to_string())
     };
     let threads = candle_core::utils::get_num_threads();
-    let lanes = if cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx512f") {
-        16
-    } else if cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("fma") {
-        8
-    } else {
-        4
-    };
+    let lanes = f32_lanes();
     let ghz = field("cpu MHz").and_then(|m| m.parse::<f64>().ok()).map(|m| m / 1e3);
     let peak = ghz.map(|ghz| threads as f64 * 2.0 * lanes as f64 * 2.0 * ghz);
     json!({
@@ -379,6 +373,20 @@ fn machine() -> Value {
         "ghz": ghz,
         "peak_gflops_estimate": peak,
     })
+}
+
+/// f32 lanes of the widest FMA the CPU has (4: a 128-bit guess elsewhere).
+fn f32_lanes() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return 16;
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            return 8;
+        }
+    }
+    4
 }
 
 fn peak_rss_mb() -> Option<f64> {

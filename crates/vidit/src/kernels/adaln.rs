@@ -72,8 +72,8 @@ impl Dims {
     }
 }
 
-/// Runs `f(group, its rows of x, …)` over the B·S token groups in parallel; each group owns its
-/// modulation row, so `f` may write that row's gradient.
+/// Runs `f(group, gradient of its modulation row)` over the B·S token groups in parallel; each
+/// group owns its modulation row, so `f` writes that row's gradient without sharing it.
 fn per_group(dims: Dims, dmod: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     let row = dims.k * dims.dim;
     dmod.par_chunks_mut(row).enumerate().for_each(|(group, dmod_row)| f(group, dmod_row));
