@@ -3,8 +3,9 @@
 //! pass (candle's route reduces the bias gradient through a generic broadcast reduction).
 
 use super::{as_slice, matmul, with_slice};
+use super::{ParamOp, WithParams};
 use anyhow::{bail, Result};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use gemm::Parallelism;
 
 /// `x (…, in)` · `weight (out, in)`ᵀ [+ `bias (out,)`] on the CPU, f32.
@@ -16,9 +17,9 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     let x = x.contiguous()?;
     let w = weight.contiguous()?;
     Ok(match bias {
-        Some(b) if b.dims() == [out_dim] => x.apply_op3(&w, &b.contiguous()?, Linear)?,
+        Some(b) if b.dims() == [out_dim] => x.apply_op3(&w, &b.contiguous()?, WithParams(Linear))?,
         Some(b) => bail!("linear: bias {:?} for weight {:?}", b.dims(), weight.dims()),
-        None => x.apply_op2(&w, Linear)?,
+        None => x.apply_op2(&w, WithParams(Linear))?,
     })
 }
 
@@ -58,7 +59,9 @@ fn matmul_slices(
     }
 }
 
-impl Linear {
+impl ParamOp for Linear {
+    const NAMES: [&'static str; 2] = ["linear", "linear-bias"];
+
     fn forward(
         &self,
         x: (&CpuStorage, &Layout),
@@ -127,58 +130,5 @@ impl Linear {
             Tensor::from_vec(dw, (out_dim, in_dim), dev)?,
             Tensor::from_vec(db, out_dim, dev)?,
         ))
-    }
-}
-
-impl CustomOp2 for Linear {
-    fn name(&self) -> &'static str {
-        "linear"
-    }
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.forward((xs, xl), (ws, wl), None)
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.backward(x, w, grad)?;
-        Ok((Some(dx), Some(dw)))
-    }
-}
-
-impl CustomOp3 for Linear {
-    fn name(&self) -> &'static str {
-        "linear-bias"
-    }
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.forward((xs, xl), (ws, wl), Some((bs, bl)))
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = self.backward(x, w, grad)?;
-        Ok((Some(dx), Some(dw), Some(db)))
     }
 }

@@ -112,6 +112,82 @@ pub(crate) unsafe fn matmul(
     )
 }
 
+/// An op over an input, a weight and an optional bias (linear layers, affine norms): one forward
+/// and one backward serve candle's two arities through [`WithParams`].
+pub(crate) trait ParamOp {
+    /// The op's names without and with a bias.
+    const NAMES: [&'static str; 2];
+    fn forward(
+        &self,
+        x: (&CpuStorage, &Layout),
+        weight: (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)>;
+    /// (dx, dweight, dbias); dbias is unused without a bias.
+    fn backward(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)>;
+}
+
+/// A [`ParamOp`] as `x.apply_op2(w, …)` (no bias) or `x.apply_op3(w, b, …)`.
+pub(crate) struct WithParams<T>(pub T);
+
+impl<T: ParamOp> candle_core::CustomOp2 for WithParams<T> {
+    fn name(&self) -> &'static str {
+        T::NAMES[0]
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        self.0.forward((xs, xl), (ws, wl), None)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.0.backward(x, w, grad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl<T: ParamOp> candle_core::CustomOp3 for WithParams<T> {
+    fn name(&self) -> &'static str {
+        T::NAMES[1]
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        self.0.forward((xs, xl), (ws, wl), Some((bs, bl)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.0.backward(x, w, grad)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
 /// A raw pointer that rayon tasks writing disjoint regions may share.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut(pub *mut f32);

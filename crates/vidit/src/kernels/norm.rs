@@ -6,8 +6,9 @@
 //! dw = Σ_rows g·x̂, db = Σ_rows g.
 
 use super::{as_slice, rows_per_task, with_slice};
+use super::{ParamOp, WithParams};
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,8 +32,8 @@ pub fn norm(
     let x = x.contiguous()?;
     Ok(match (weight, bias) {
         (None, None) => x.apply_op1(op)?,
-        (Some(w), None) => x.apply_op2(&w.contiguous()?, op)?,
-        (Some(w), Some(b)) => x.apply_op3(&w.contiguous()?, &b.contiguous()?, op)?,
+        (Some(w), None) => x.apply_op2(&w.contiguous()?, WithParams(op))?,
+        (Some(w), Some(b)) => x.apply_op3(&w.contiguous()?, &b.contiguous()?, WithParams(op))?,
         (None, Some(_)) => anyhow::bail!("a norm bias needs a weight"),
     })
 }
@@ -59,7 +60,7 @@ pub(crate) fn stats(row: &[f32], kind: Kind, eps: f32) -> (f32, f32) {
 }
 
 impl NormOp {
-    fn forward(&self, x: &[f32], weight: Option<&[f32]>, bias: Option<&[f32]>, n: usize) -> Vec<f32> {
+    fn forward_rows(&self, x: &[f32], weight: Option<&[f32]>, bias: Option<&[f32]>, n: usize) -> Vec<f32> {
         let mut out = vec![0f32; x.len()];
         let rows = rows_per_task(x.len() / n, n, 16 * 1024);
         out.par_chunks_mut(rows * n).zip(x.par_chunks(rows * n)).for_each(|(out, x)| {
@@ -80,7 +81,7 @@ impl NormOp {
     }
 
     /// (dx, dw, db); dw and db are all zeros when there is no weight / bias.
-    fn backward(
+    fn backward_rows(
         &self,
         x: &[f32],
         g: &[f32],
@@ -144,7 +145,7 @@ impl NormOp {
                 candle_core::bail!("norm: parameter of {} elements for rows of {n}", p.len());
             }
         }
-        Ok((CpuStorage::F32(self.forward(xs, w, b, n)), shape))
+        Ok((CpuStorage::F32(self.forward_rows(xs, w, b, n)), shape))
     }
 
     /// Gradients of x, and of the weight and bias when given.
@@ -156,7 +157,8 @@ impl NormOp {
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let n = x.dim(candle_core::D::Minus1)?;
         let w = weight.map(|w| w.flatten_all()?.to_vec1::<f32>()).transpose()?;
-        let (dx, dw, db) = with_slice(x, |xs| with_slice(grad, |g| self.backward(xs, g, w.as_deref(), n)))??;
+        let (dx, dw, db) =
+            with_slice(x, |xs| with_slice(grad, |g| self.backward_rows(xs, g, w.as_deref(), n)))??;
         let dev = x.device();
         Ok((
             Tensor::from_vec(dx, x.shape(), dev)?,
@@ -178,55 +180,22 @@ impl CustomOp1 for NormOp {
     }
 }
 
-impl CustomOp2 for NormOp {
-    fn name(&self) -> &'static str {
-        "norm-weight"
-    }
-    fn cpu_fwd(
+impl ParamOp for NormOp {
+    const NAMES: [&'static str; 2] = ["norm-weight", "norm-affine"];
+    fn forward(
         &self,
-        s: &CpuStorage,
-        l: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
+        x: (&CpuStorage, &Layout),
+        weight: (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd((s, l), Some((ws, wl)), None)
+        self.fwd(x, Some(weight), bias)
     }
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
-        w: &Tensor,
-        _: &Tensor,
+        weight: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.bwd_all(x, Some(w), grad)?;
-        Ok((Some(dx), Some(dw)))
-    }
-}
-
-impl CustomOp3 for NormOp {
-    fn name(&self) -> &'static str {
-        "norm-affine"
-    }
-    fn cpu_fwd(
-        &self,
-        s: &CpuStorage,
-        l: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd((s, l), Some((ws, wl)), Some((bs, bl)))
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = self.bwd_all(x, Some(w), grad)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        self.bwd_all(x, Some(weight), grad)
     }
 }
