@@ -20,9 +20,15 @@ use vidit::train::data::shapes::{ShapesDataset, Split};
 use vidit::train::data::{fixed_sample, ClipSource};
 use vidit::train::dit::{train_dit, DitTraining, DitWeights, LatentPool};
 use vidit::train::objective::Objective;
-use vidit::train::optim::AdamWConfig;
+use vidit::train::optim::{AdamWConfig, LrSchedule};
 use vidit::train::trainer::{RunDir, StepReport, TrainOptions, WithCheckpoints};
 use vidit::train::vae::{reconstruction_strip, train_vae, VaeTraining};
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LrScheduleArg {
+    Constant,
+    Cosine,
+}
 
 /// Options shared by both trainers.
 #[derive(Args)]
@@ -35,9 +41,16 @@ pub struct CommonArgs {
     steps: usize,
     #[arg(long)]
     batch_size: Option<usize>,
-    /// AdamW learning rate.
+    /// AdamW learning rate (the peak, with a schedule).
     #[arg(long)]
     lr: Option<f64>,
+    /// How the learning rate moves: held after the warm-up, or decayed along a half cosine to 0
+    /// at the last step (the curve depends on --steps: extending a run with --resume changes it).
+    #[arg(long, value_enum, default_value = "constant")]
+    lr_schedule: LrScheduleArg,
+    /// Steps of linear learning-rate warm-up from 0.
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
     #[arg(long, default_value_t = 0.01)]
     weight_decay: f64,
     /// Clip the global gradient norm to this value.
@@ -69,12 +82,22 @@ impl CommonArgs {
         if !(0.0..1.0).contains(&self.ema_decay) {
             return Err(input_error("--ema-decay must be in [0, 1)"));
         }
+        if self.warmup >= self.steps {
+            return Err(input_error(format!(
+                "--warmup {} must be below --steps {}",
+                self.warmup, self.steps
+            )));
+        }
         Ok(TrainOptions {
             steps: self.steps,
             adamw: AdamWConfig {
                 lr: self.lr.unwrap_or(lr),
                 weight_decay: self.weight_decay,
                 ..Default::default()
+            },
+            lr_schedule: match self.lr_schedule {
+                LrScheduleArg::Constant => LrSchedule::Constant { warmup: self.warmup },
+                LrScheduleArg::Cosine => LrSchedule::Cosine { warmup: self.warmup },
             },
             grad_clip: Some(self.grad_clip),
             ema_decay: self.ema_decay,

@@ -21,6 +21,33 @@ impl Default for AdamWConfig {
     }
 }
 
+/// How the learning rate moves over a run: the factor it is multiplied by at each step.
+/// A function of the step alone, so a resumed run follows the same curve.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LrSchedule {
+    /// Linear warm-up over `warmup` steps, then constant.
+    Constant { warmup: usize },
+    /// Linear warm-up over `warmup` steps, then a half cosine down to 0 at the last step.
+    Cosine { warmup: usize },
+}
+
+impl LrSchedule {
+    /// The factor for the step taken after `done` steps of a run of `total`.
+    pub fn factor(&self, done: usize, total: usize) -> f64 {
+        let (Self::Constant { warmup } | Self::Cosine { warmup }) = *self;
+        if done < warmup {
+            return (done + 1) as f64 / warmup as f64;
+        }
+        match self {
+            Self::Constant { .. } => 1.0,
+            Self::Cosine { .. } => {
+                let progress = (done - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64;
+                0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+            }
+        }
+    }
+}
+
 /// One trainable parameter with its moment estimates.
 struct Slot {
     name: String,
@@ -206,5 +233,22 @@ mod tests {
         ema.update(&vars)?;
         assert!(ema.weights.values().all(|t| !t.track_op()));
         Ok(())
+    }
+}
+
+#[test]
+fn lr_schedules_warm_up_then_hold_or_decay() {
+    let constant = LrSchedule::Constant { warmup: 4 };
+    assert_eq!([0, 1, 3, 4, 99].map(|d| constant.factor(d, 100)), [0.25, 0.5, 1.0, 1.0, 1.0]);
+    let cosine = LrSchedule::Cosine { warmup: 0 };
+    assert_eq!(cosine.factor(0, 100), 1.0);
+    assert!((cosine.factor(50, 100) - 0.5).abs() < 1e-12);
+    let last = cosine.factor(99, 100);
+    assert!(last > 0.0 && last < 1e-3, "the last step still moves: {last}");
+    let mut previous = f64::INFINITY;
+    for done in 0..100 {
+        let f = cosine.factor(done, 100);
+        assert!(f <= previous);
+        previous = f;
     }
 }

@@ -2,7 +2,7 @@
 //! periodic atomic checkpoints (parameters, EMA, optimiser moments, data RNG position) and
 //! resuming that continues bit for bit.
 
-use super::optim::{AdamW, AdamWConfig, Ema};
+use super::optim::{AdamW, AdamWConfig, Ema, LrSchedule};
 use crate::error::input_error;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
     pub steps: usize,
+    /// `adamw.lr` is the peak learning rate; the schedule scales it step by step.
     pub adamw: AdamWConfig,
+    pub lr_schedule: LrSchedule,
     pub grad_clip: Option<f64>,
     pub ema_decay: f64,
     pub checkpoint_every: usize,
@@ -30,6 +32,7 @@ impl Default for TrainOptions {
         Self {
             steps: 1000,
             adamw: AdamWConfig::default(),
+            lr_schedule: LrSchedule::Constant { warmup: 0 },
             grad_clip: Some(1.0),
             ema_decay: 0.999,
             checkpoint_every: 200,
@@ -245,6 +248,7 @@ pub fn train(
             );
         }
         let grads = loss.backward()?;
+        optimizer.config.lr = options.adamw.lr * options.lr_schedule.factor(optimizer.step, options.steps);
         let grad_norm = optimizer.step(&grads, options.grad_clip)?;
         ema.update(&vars)?;
         let step = optimizer.step;
@@ -312,6 +316,8 @@ mod tests {
         TrainOptions {
             steps,
             adamw: AdamWConfig { lr: 0.1, ..Default::default() },
+            // Resuming mid-warm-up must pick the curve up where it was.
+            lr_schedule: LrSchedule::Constant { warmup: 12 },
             checkpoint_every: 5,
             ema_decay: 0.9,
             ..Default::default()
