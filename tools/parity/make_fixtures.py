@@ -18,6 +18,15 @@ Outputs (a few MB in all):
     v2v_unipc.safetensors, v2v_euler.safetensors
                               WanVideoToVideoPipeline runs (strength 0.6 of 5 steps, CFG) with the
                               noise diffusers mixed into the encoded clip
+    i2v/                      the image-to-video parts: image_encoder/ (CLIPVisionModel),
+                              image_processor/, transformer/ (36 input channels, image_dim,
+                              added_kv_proj_dim), transformer_flf2v/ (the same with pos_embed_seq_len,
+                              for first-last-frame), first.png, last.png (48x64); the VAE, text
+                              encoder, tokenizer and scheduler are tiny-wan's
+    i2v_unipc.safetensors, flf2v_unipc.safetensors, ti2v_unipc.safetensors
+                              WanImageToVideoPipeline runs (3 steps, CFG, from init_latents): Wan 2.1
+                              I2V, first-last-frame, and Wan 2.2 TI2V (expand_timesteps) on tiny-wan's
+                              transformer, each with the CLIP image states it used
     manifest.json             versions and the exact inputs of each record
 """
 
@@ -36,12 +45,20 @@ from diffusers import (
     UniPCMultistepScheduler,
     WanPipeline,
     WanTransformer3DModel,
+    WanImageToVideoPipeline,
     WanVideoToVideoPipeline,
 )
 from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PreTrainedTokenizerFast,
+    UMT5Config,
+    UMT5EncoderModel,
+)
 
 torch.set_num_threads(2)
 OUT = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures"
@@ -392,6 +409,103 @@ for kind, sch in [
         timesteps=rec["timesteps"].float(),
     )
     save(f"v2v_{kind}.safetensors", rec)
+
+# ---- image-to-video: Wan 2.1 I2V, first-last-frame (FLF2V) and Wan 2.2 TI2V ----
+i2v_dir = os.path.join(OUT, "i2v")
+torch.manual_seed(3)
+# hidden_states[-2] of a 3-layer encoder is layer 2's output; 48x48 crops in 16x16 patches: 10 tokens.
+image_encoder = CLIPVisionModel(
+    CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=48,
+        patch_size=16,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=16,
+    )
+).eval()
+perturb_norms(image_encoder, gen)
+with torch.no_grad():
+    image_encoder.embeddings.class_embedding.normal_(generator=gen)
+image_encoder.save_pretrained(os.path.join(i2v_dir, "image_encoder"), safe_serialization=True)
+# Images come at the clip's size (48x64), so the shortest-edge resize is the identity and the
+# processor only centre-crops (to 48x48), rescales and normalises.
+image_processor = CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
+image_processor.save_pretrained(os.path.join(i2v_dir, "image_processor"))
+i2v_transformers = {}
+for name, pos_embed in [("transformer", None), ("transformer_flf2v", 20)]:
+    torch.manual_seed(4)
+    t = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=32,
+        in_channels=36,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=128,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+        image_dim=32,
+        added_kv_proj_dim=64,
+        pos_embed_seq_len=pos_embed,
+    ).eval()
+    perturb_norms(t, gen)
+    if pos_embed is not None:
+        with torch.no_grad():
+            t.condition_embedder.image_embedder.pos_embed.normal_(generator=gen)
+    t.save_pretrained(os.path.join(i2v_dir, name), safe_serialization=True)
+    i2v_transformers[name] = WanTransformer3DModel.from_pretrained(os.path.join(i2v_dir, name))
+image_encoder = CLIPVisionModel.from_pretrained(os.path.join(i2v_dir, "image_encoder")).eval()
+image_processor = CLIPImageProcessor.from_pretrained(os.path.join(i2v_dir, "image_processor"))
+
+g = torch.Generator().manual_seed(19)
+for name in ["first", "last"]:
+    pixels = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 8, generator=g), size=(48, 64), mode="bilinear")[0]
+    Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+        os.path.join(i2v_dir, f"{name}.png")
+    )
+first = Image.open(os.path.join(i2v_dir, "first.png")).convert("RGB")
+last = Image.open(os.path.join(i2v_dir, "last.png")).convert("RGB")
+i2v_run = dict(
+    prompt=PROMPT,
+    negative_prompt=NEGATIVE,
+    height=48,
+    width=64,
+    num_frames=5,
+    num_inference_steps=3,
+    guidance_scale=5.0,
+    # diffusers' attention splits the image tokens off as all but the last 512 context tokens.
+    max_sequence_length=512,
+)
+manifest["image_to_video"] = i2v_run
+for record, transformer_name, extra in [
+    ("i2v", "transformer", {}),
+    ("flf2v", "transformer_flf2v", {"last_image": last}),
+    ("ti2v", None, {}),
+]:
+    i2v = WanImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=UniPCMultistepScheduler.from_pretrained(folder, subfolder="scheduler"),
+        transformer=i2v_transformers[transformer_name] if transformer_name else transformer,
+        image_processor=image_processor if transformer_name else None,
+        image_encoder=image_encoder if transformer_name else None,
+        expand_timesteps=transformer_name is None,
+    )
+    rec = run_recording_steps(i2v, **i2v_run, **extra, image=first, latents=latents.clone())
+    if transformer_name:
+        with torch.no_grad():
+            rec["image_embeds"] = i2v.encode_image([first, last] if extra else first, "cpu")
+    rec["timesteps"] = rec["timesteps"].float()
+    save(f"{record}_unipc.safetensors", rec)
 
 with open(os.path.join(OUT, "manifest.json"), "w") as f:
     json.dump(manifest, f, indent=1, sort_keys=True)

@@ -111,11 +111,13 @@ pub struct GenerateArgs {
     /// Initial noise: tensor `latents` [1, C, T, h, w] in a safetensors file, instead of drawing it.
     #[arg(long)]
     init_latents: Option<PathBuf>,
-    /// First frame (PNG/JPEG) for image-to-video, for models trained with frame conditioning
-    /// (vidit's own; Wan's I2V pipeline is a separate mode).
+    /// First frame (PNG/JPEG): image-to-video, for Wan 2.1 I2V / FLF2V and Wan 2.2 TI2V
+    /// checkpoints as diffusers' WanImageToVideoPipeline, and for frame-conditioned models
+    /// (vidit's own).
     #[arg(long)]
     image: Option<PathBuf>,
-    /// Last frame (PNG/JPEG), with --image: keyframe interpolation from the first to the last.
+    /// Last frame (PNG/JPEG), with --image: keyframe interpolation from the first to the last
+    /// (Wan FLF2V checkpoints, frame-conditioned models).
     #[arg(long, requires = "image")]
     last_image: Option<PathBuf>,
     /// Input clip (.mp4, .gif, or a folder of PNG/JPEG frames in name order), resampled to the
@@ -224,6 +226,43 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, Job, Device, f64)> {
         None => crate::builtin::model_dir()?,
     };
     let configs = WanConfigs::read(&model_dir)?;
+    if configs.image_encoder.is_some() {
+        // Wan 2.1 I2V / FLF2V: conditioning channels and CLIP states of a first (and last) frame.
+        if args.video.is_some() {
+            return Err(input_error(format!(
+                "--video: {} is an image-to-video model (Wan I2V); video modes need a text-to-video or frame-conditioned one",
+                model_dir.display()
+            )));
+        }
+        if args.image.is_none() {
+            return Err(input_error(format!(
+                "--image: {} is an image-to-video model (Wan I2V); give the first frame",
+                model_dir.display()
+            )));
+        }
+        // First-last-frame checkpoints (FLF2V) carry a position table over both images' states.
+        match (configs.transformer.pos_embed_seq_len.is_some(), args.last_image.is_some()) {
+            (true, false) => {
+                return Err(input_error(format!(
+                    "--last-image: {} is a first-last-frame model (Wan FLF2V); give the last frame too",
+                    model_dir.display()
+                )))
+            }
+            (false, true) => {
+                return Err(input_error(format!(
+                    "--last-image: {} is a first-frame model (Wan I2V, no pos_embed_seq_len); it takes no last frame",
+                    model_dir.display()
+                )))
+            }
+            _ => {}
+        }
+    }
+    if configs.folder.expand_timesteps && args.last_image.is_some() {
+        return Err(input_error(format!(
+            "--last-image: {} is Wan 2.2 TI2V (expand_timesteps), which conditions on the first frame only",
+            model_dir.display()
+        )));
+    }
     let d = &configs.generation;
     let s = Settings {
         steps: args.steps.unwrap_or(d.num_inference_steps),
@@ -327,7 +366,7 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, Job, Device, f64)> {
     let vae = &configs.vae;
     let shape = [
         1,
-        configs.transformer.in_channels,
+        vae.z_dim,
         (frames - 1) / temporal + 1,
         s.height / vae.spatial_factor(),
         s.width / vae.spatial_factor(),

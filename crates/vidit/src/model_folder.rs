@@ -46,6 +46,8 @@ pub struct ModelFolder {
     pub pipeline_class: String,
     /// Component name → class name, for the components present (`[null, null]` entries left out).
     pub components: HashMap<String, String>,
+    /// `expand_timesteps` (Wan 2.2 TI2V): the first latent frame is the image's, at timestep 0.
+    pub expand_timesteps: bool,
 }
 
 impl ModelFolder {
@@ -68,7 +70,8 @@ impl ModelFolder {
                 Some((name.clone(), class.to_string()))
             })
             .collect();
-        Ok(Self { root: root.to_path_buf(), pipeline_class, components })
+        let expand_timesteps = object.get("expand_timesteps").and_then(|v| v.as_bool()).unwrap_or(false);
+        Ok(Self { root: root.to_path_buf(), pipeline_class, components, expand_timesteps })
     }
 
     /// The folder of a component, which must be listed in `model_index.json` and exist.

@@ -2,6 +2,10 @@
 //! (1, 2, 2) patches, each a token; blocks of self-attention (3-D RoPE, q/k RMSNorm), cross-attention
 //! to the text and a gated feed-forward are modulated by the timestep (adaLN scale/shift/gate).
 //! The output is the flow velocity v = ε − x0, shaped like the input latents.
+//!
+//! Image-to-video checkpoints (Wan 2.1 I2V, `image_dim` set) add an image branch to every
+//! cross-attention: CLIP image states, projected by `condition_embedder.image_embedder`, give
+//! their own keys and values (`add_k_proj`, `add_v_proj`); the two attention results are summed.
 
 use super::layers::attention::attention;
 use super::layers::norm::{gated_add, LayerNorm, RmsNorm};
@@ -83,8 +87,14 @@ impl WanTransformerConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.image_dim.is_some() || self.added_kv_proj_dim.is_some() {
-            bail!("image conditioning (key `image_dim` / `added_kv_proj_dim`, Wan I2V) is not supported yet");
+        if self.image_dim.is_some() != self.added_kv_proj_dim.is_some() {
+            bail!("keys `image_dim` and `added_kv_proj_dim` are set together (Wan I2V) or not at all");
+        }
+        if self.added_kv_proj_dim.is_some_and(|d| d != self.inner_dim()) {
+            bail!("key `added_kv_proj_dim` must equal the inner dim {} (heads × head dim)", self.inner_dim());
+        }
+        if self.pos_embed_seq_len.is_some() && self.image_dim.is_none() {
+            bail!("key `pos_embed_seq_len` needs `image_dim`");
         }
         if self.qk_norm.as_deref() != Some("rms_norm_across_heads") {
             bail!("key `qk_norm`: only \"rms_norm_across_heads\" is supported");
@@ -186,6 +196,13 @@ fn apply_rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
     Ok(Tensor::stack(&[even, odd], D::Minus1)?.reshape((b, l, h, d))?)
 }
 
+/// The image branch of an I2V cross-attention: keys (RMS-normed) and values of the image states.
+struct AddedKv {
+    add_k_proj: Linear,
+    add_v_proj: Linear,
+    norm_added_k: RmsNorm,
+}
+
 /// Attention with q/k RMSNorm across all heads (before the head split), as `WanAttention`.
 pub struct WanAttention {
     to_q: Linear,
@@ -194,12 +211,17 @@ pub struct WanAttention {
     to_out: Linear,
     norm_q: RmsNorm,
     norm_k: RmsNorm,
+    added: Option<AddedKv>,
     heads: usize,
 }
+
+/// Keys and values `(B, S, H, D)` a query attends to.
+pub type KeyValues = (Tensor, Tensor);
 
 impl WanAttention {
     fn new(dim: usize, heads: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
+            added: None,
             to_q: linear(dim, dim, vb.pp("to_q"))?,
             to_k: linear(dim, dim, vb.pp("to_k"))?,
             to_v: linear(dim, dim, vb.pp("to_v"))?,
@@ -210,8 +232,25 @@ impl WanAttention {
         })
     }
 
+    /// With the image branch (`add_k_proj`, `add_v_proj`, `norm_added_k`) of I2V checkpoints.
+    fn with_added_kv(mut self, dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        self.added = Some(AddedKv {
+            add_k_proj: linear(dim, dim, vb.pp("add_k_proj"))?,
+            add_v_proj: linear(dim, dim, vb.pp("add_v_proj"))?,
+            norm_added_k: RmsNorm::new(dim, eps, vb.pp("norm_added_k"))?,
+        });
+        Ok(self)
+    }
+
+    /// The image branch's keys and values of projected image states `(B, S, dim)`.
+    fn added_key_values(&self, image: &Tensor) -> Result<KeyValues> {
+        let Some(added) = &self.added else { bail!("this attention has no image branch") };
+        let k = added.norm_added_k.forward(&apply(&added.add_k_proj, image)?)?;
+        Ok((self.split_heads(&k)?, self.split_heads(&apply(&added.add_v_proj, image)?)?))
+    }
+
     /// Projects the keys and values of a context `(B, S, dim)` into `(B, S, H, D)`.
-    pub fn key_values(&self, context: &Tensor, rope: Option<&(Tensor, Tensor)>) -> Result<(Tensor, Tensor)> {
+    pub fn key_values(&self, context: &Tensor, rope: Option<&(Tensor, Tensor)>) -> Result<KeyValues> {
         let k = self.norm_k.forward(&apply(&self.to_k, context)?)?;
         let v = apply(&self.to_v, context)?;
         let mut k = self.split_heads(&k)?; // (B, S, H, D)
@@ -227,10 +266,16 @@ impl WanAttention {
     }
 
     /// `x (B, L, dim)` attends to the keys/values from [`Self::key_values`]; RoPE on q when given.
-    pub fn forward(
+    pub fn forward(&self, x: &Tensor, kv: &KeyValues, rope: Option<&(Tensor, Tensor)>) -> Result<Tensor> {
+        self.forward_with_image(x, kv, None, rope)
+    }
+
+    /// [`Self::forward`], plus the image branch's attention (same queries) added before `to_out`.
+    fn forward_with_image(
         &self,
         x: &Tensor,
-        kv: &(Tensor, Tensor),
+        kv: &KeyValues,
+        image_kv: Option<&KeyValues>,
         rope: Option<&(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let (b, l, dim) = x.dims3()?;
@@ -240,7 +285,11 @@ impl WanAttention {
             q = apply_rope(&q, cos, sin)?;
         }
         let head_dim = dim / self.heads;
-        let out = attention(&q, &kv.0, &kv.1, 1.0 / (head_dim as f64).sqrt())?; // (B, L, H, D)
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let mut out = attention(&q, &kv.0, &kv.1, scale)?; // (B, L, H, D)
+        if let Some((k, v)) = image_kv {
+            out = (out + attention(&q, k, v, scale)?)?;
+        }
         let out = out.reshape((b, l, dim))?;
         apply(&self.to_out, &out)
     }
@@ -262,6 +311,7 @@ impl WanTransformerBlock {
     fn new(cfg: &WanTransformerConfig, vb: VarBuilder) -> Result<Self> {
         let dim = cfg.inner_dim();
         let heads = cfg.num_attention_heads;
+        let attn2 = WanAttention::new(dim, heads, cfg.eps, vb.pp("attn2"))?;
         Ok(Self {
             norm1: LayerNorm::plain(cfg.eps),
             attn1: WanAttention::new(dim, heads, cfg.eps, vb.pp("attn1"))?,
@@ -270,7 +320,10 @@ impl WanTransformerBlock {
             } else {
                 None
             },
-            attn2: WanAttention::new(dim, heads, cfg.eps, vb.pp("attn2"))?,
+            attn2: match cfg.added_kv_proj_dim {
+                Some(_) => attn2.with_added_kv(dim, cfg.eps, vb.pp("attn2"))?,
+                None => attn2,
+            },
             norm3: LayerNorm::plain(cfg.eps),
             ffn_in: linear(dim, cfg.ffn_dim, vb.pp("ffn.net.0.proj"))?,
             ffn_out: linear(cfg.ffn_dim, dim, vb.pp("ffn.net.2"))?,
@@ -278,16 +331,16 @@ impl WanTransformerBlock {
         })
     }
 
-    /// `x (B, L, dim)`; `timestep_proj (B, S, 6, dim)` with S = 1 or L; `text_kv` from
-    /// [`WanAttention::key_values`] of `attn2`.
+    /// `x (B, L, dim)`; `timestep_proj (B, S, 6, dim)` with S = 1 or L; `context` this block's
+    /// cross-attention keys and values ([`WanTransformer3DModel::text_context`]).
     pub fn forward(
         &self,
         x: &Tensor,
         timestep_proj: &Tensor,
-        text_kv: &(Tensor, Tensor),
+        context: &BlockContext,
         rope: &(Tensor, Tensor),
     ) -> Result<Tensor> {
-        self.forward_traced(x, timestep_proj, text_kv, rope, &mut None)
+        self.forward_traced(x, timestep_proj, context, rope, &mut None)
     }
 
     /// [`Self::forward`], recording the inner stages as diffusers' module hooks see them.
@@ -295,7 +348,7 @@ impl WanTransformerBlock {
         &self,
         x: &Tensor,
         timestep_proj: &Tensor,
-        text_kv: &(Tensor, Tensor),
+        context: &BlockContext,
         rope: &(Tensor, Tensor),
         trace: &mut Option<&mut Trace>,
     ) -> Result<Tensor> {
@@ -312,13 +365,13 @@ impl WanTransformerBlock {
         Trace::record(trace, "attn1", &attn);
         let x = gated_add(x, &attn, &modulation, 2)?;
 
-        // 2. Cross-attention to the text: plain residual, no modulation.
+        // 2. Cross-attention to the text (and the image, for I2V): plain residual, no modulation.
         let h = match &self.norm2 {
             Some(norm) => norm.forward(&x)?,
             None => x.clone(),
         };
         Trace::record(trace, "norm2", &h);
-        let attn = self.attn2.forward(&h, text_kv, None)?;
+        let attn = self.attn2.forward_with_image(&h, &context.text, context.image.as_ref(), None)?;
         Trace::record(trace, "attn2", &attn);
         let x = (&x + attn)?;
 
@@ -333,10 +386,65 @@ impl WanTransformerBlock {
     }
 }
 
-/// The text context projected once per prompt, with every block's cross-attention keys and values.
-/// The same at every denoising step, so a pipeline computes it once.
+/// One block's cross-attention keys and values: the text's, and the image's for I2V.
+pub struct BlockContext {
+    text: KeyValues,
+    image: Option<KeyValues>,
+}
+
+/// The text (and image) context projected once per prompt, with every block's cross-attention
+/// keys and values. The same at every denoising step, so a pipeline computes it once.
 pub struct TextContext {
-    kv: Vec<(Tensor, Tensor)>,
+    blocks: Vec<BlockContext>,
+}
+
+/// `condition_embedder.image_embedder` (`WanImageEmbedding`): CLIP states → the model width.
+struct ImageEmbedder {
+    norm1: LayerNorm,
+    ff_in: Linear,
+    ff_out: Linear,
+    norm2: LayerNorm,
+    /// `(1, pos_embed_seq_len, image_dim)`, added to the two images' states of first-last-frame
+    /// checkpoints (Wan 2.1 FLF2V).
+    pos_embed: Option<Tensor>,
+}
+
+impl ImageEmbedder {
+    fn new(cfg: &WanTransformerConfig, image_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        Ok(Self {
+            // FP32LayerNorm at PyTorch's default eps.
+            norm1: LayerNorm::affine(image_dim, 1e-5, vb.pp("norm1"))?,
+            ff_in: linear(image_dim, image_dim, vb.pp("ff.net.0.proj"))?,
+            ff_out: linear(image_dim, dim, vb.pp("ff.net.2"))?,
+            norm2: LayerNorm::affine(dim, 1e-5, vb.pp("norm2"))?,
+            pos_embed: match cfg.pos_embed_seq_len {
+                Some(len) => {
+                    Some(vb.get_with_hints((1, len, image_dim), "pos_embed", candle_nn::init::ZERO)?)
+                }
+                None => None,
+            },
+        })
+    }
+
+    /// `images (N, S, image_dim)`: N = 1, or N = 2 (first and last frame) concatenated into one
+    /// sequence when the model has `pos_embed` → `(1, N·S, dim)`.
+    fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        let (n, s, d) = images.dims3()?;
+        let x = match &self.pos_embed {
+            Some(pos) => {
+                if n * s != pos.dim(1)? {
+                    bail!("{n} image(s) of {s} tokens do not fit pos_embed_seq_len {}", pos.dim(1)?);
+                }
+                images.reshape((1, n * s, d))?.broadcast_add(pos)?
+            }
+            None if n == 1 => images.clone(),
+            None => bail!("{n} images given; a model without pos_embed (not FLF2V) takes one"),
+        };
+        let h = self.norm1.forward(&x)?;
+        let h = apply(&self.ff_out, &apply(&self.ff_in, &h)?.gelu_erf()?)?; // (1, N·S, dim)
+        self.norm2.forward(&h)
+    }
 }
 
 pub struct WanTransformer3DModel {
@@ -348,6 +456,7 @@ pub struct WanTransformer3DModel {
     time_proj: Linear,
     text_linear_1: Linear,
     text_linear_2: Linear,
+    image_embedder: Option<ImageEmbedder>,
     pub blocks: Vec<WanTransformerBlock>,
     norm_out: LayerNorm,
     proj_out: Linear,
@@ -411,6 +520,10 @@ impl WanTransformer3DModel {
             time_proj: linear(dim, dim * 6, ce.pp("time_proj"))?,
             text_linear_1: linear(config.text_dim, dim, ce.pp("text_embedder.linear_1"))?,
             text_linear_2: linear(dim, dim, ce.pp("text_embedder.linear_2"))?,
+            image_embedder: match config.image_dim {
+                Some(image_dim) => Some(ImageEmbedder::new(&config, image_dim, ce.pp("image_embedder"))?),
+                None => None,
+            },
             blocks,
             norm_out: LayerNorm::plain(config.eps),
             proj_out: linear(dim, out_dim, vb.pp("proj_out"))?,
@@ -438,15 +551,49 @@ impl WanTransformer3DModel {
     /// Projects text embeddings `(B, S, text_dim)` and precomputes every block's cross-attention
     /// keys and values.
     pub fn text_context(&self, encoder_hidden_states: &Tensor) -> Result<TextContext> {
-        self.text_context_traced(encoder_hidden_states, &mut None)
+        self.text_context_traced(encoder_hidden_states, None, &mut None)
     }
 
-    fn text_context_traced(&self, text: &Tensor, trace: &mut Option<&mut Trace>) -> Result<TextContext> {
+    /// [`Self::text_context`] for I2V checkpoints: with the CLIP image states `(N, S, image_dim)`
+    /// (N = 2 for first and last frame), shared by every sample of the text batch.
+    pub fn text_image_context(&self, text: &Tensor, image: &Tensor) -> Result<TextContext> {
+        self.text_context_traced(text, Some(image), &mut None)
+    }
+
+    fn text_context_traced(
+        &self,
+        text: &Tensor,
+        image: Option<&Tensor>,
+        trace: &mut Option<&mut Trace>,
+    ) -> Result<TextContext> {
         let h = gelu(&apply(&self.text_linear_1, text)?)?;
         let h = apply(&self.text_linear_2, &h)?; // (B, S, dim)
         Trace::record(trace, "condition_embedder.2", &h);
-        let kv = self.blocks.iter().map(|b| b.attn2.key_values(&h, None)).collect::<Result<_>>()?;
-        Ok(TextContext { kv })
+        let image = match (image, &self.image_embedder) {
+            (Some(states), Some(embedder)) => Some(embedder.forward(states)?), // (1, N·S, dim)
+            (None, None) => None,
+            (Some(_), None) => bail!("image states given to a transformer without image_dim"),
+            (None, Some(_)) => bail!("this image-to-video transformer needs the image's CLIP states"),
+        };
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(BlockContext {
+                    text: b.attn2.key_values(&h, None)?,
+                    image: match &image {
+                        // One image for the whole batch (the prompt and the negative prompt).
+                        Some(i) => {
+                            let (k, v) = b.attn2.added_key_values(i)?;
+                            let batch = (h.dim(0)?, 1, 1, 1);
+                            Some((k.repeat(batch)?, v.repeat(batch)?))
+                        }
+                        None => None,
+                    },
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(TextContext { blocks })
     }
 
     /// Predicts the flow velocity for latents `(B, C, F, H, W)` at `timestep` (`(B,)`, or `(B, L)`
@@ -463,7 +610,7 @@ impl WanTransformer3DModel {
         text: &Tensor,
     ) -> Result<(Tensor, Trace)> {
         let mut trace = Trace::default();
-        let context = self.text_context_traced(text, &mut Some(&mut trace))?;
+        let context = self.text_context_traced(text, None, &mut Some(&mut trace))?;
         let out = self.forward_traced(latents, timestep, &context, &mut Some(&mut trace))?;
         Ok((out, trace))
     }
@@ -519,7 +666,7 @@ impl WanTransformer3DModel {
             let mut inner = Trace::default();
             let record_inner = trace.is_some();
             let traced = if record_inner { &mut Some(&mut inner) } else { &mut None };
-            x = block.forward_traced(&x, &timestep_proj, &text.kv[i], &rope, traced)?;
+            x = block.forward_traced(&x, &timestep_proj, &text.blocks[i], &rope, traced)?;
             if let Some(trace) = trace {
                 for (name, t) in inner.tensors {
                     trace.tensors.push((format!("blocks.{i}.{name}"), t));

@@ -1,5 +1,5 @@
 //! The parts every Wan pipeline shares: prompt contexts, the guided denoising loop over a
-//! scheduler (optionally entered part-way, optionally holding given latent frames clean), and
+//! scheduler (optionally entered part-way, optionally conditioned on given frames), and
 //! decoding latents into frames.
 
 use super::wan::WanModel;
@@ -16,15 +16,38 @@ pub struct Guidance {
 }
 
 impl Guidance {
-    /// Guidance is on when `scale > 1`, as in diffusers.
-    pub fn new(model: &WanModel, prompt: &str, negative: &str, max_len: usize, scale: f64) -> Result<Self> {
+    /// Guidance is on when `scale > 1`, as in diffusers. `image_states`: the CLIP states of the
+    /// given image(s) for Wan I2V checkpoints, the same for the prompt and the negative prompt.
+    pub fn new(
+        model: &WanModel,
+        prompt: &str,
+        negative: &str,
+        max_len: usize,
+        scale: f64,
+        image_states: Option<&Tensor>,
+    ) -> Result<Self> {
         let mut prompts = vec![prompt.to_string()];
         if scale > 1.0 {
             prompts.push(negative.to_string());
         }
         let embeds = model.text.encode(&prompts, max_len, &model.device)?; // (1 or 2, S, d)
-        Ok(Self { context: model.transformer.text_context(&embeds)?, scale, batch: prompts.len() })
+        let context = match image_states {
+            Some(image) => model.transformer.text_image_context(&embeds, image)?,
+            None => model.transformer.text_context(&embeds)?,
+        };
+        Ok(Self { context, scale, batch: prompts.len() })
     }
+}
+
+/// What the generated latents are conditioned on besides the text.
+pub enum Condition {
+    None,
+    /// Given latent frames held clean at timestep 0: vidit's own frame-conditioned models and
+    /// Wan 2.2 TI2V (`expand_timesteps`).
+    Frames(GivenFrames),
+    /// Wan 2.1 I2V: mask and encoded condition clip `(1, 4 + C, T, h, w)`, concatenated to the
+    /// latents' channels at every step.
+    Channels(Tensor),
 }
 
 /// Latent frames held clean (timestep 0) while the others are denoised: the frame
@@ -55,9 +78,13 @@ pub fn denoise(
     guidance: &Guidance,
     mut latents: Tensor,
     begin: usize,
-    given: Option<&GivenFrames>,
+    condition: &Condition,
     mut on_step: impl FnMut(usize, usize),
 ) -> Result<Tensor> {
+    let given = match condition {
+        Condition::Frames(given) => Some(given),
+        _ => None,
+    };
     let device = &model.device;
     let (_, _, frames, h, w) = latents.dims5()?;
     let [_, ph, pw] = model.transformer.config.patch_size;
@@ -67,8 +94,11 @@ pub fn denoise(
     let hold = |x: &Tensor| -> Result<Tensor> { given.map_or_else(|| Ok(x.clone()), |g| g.hold(x)) };
     for (i, &t) in timesteps.iter().enumerate() {
         latents = hold(&latents)?;
-        let input =
-            if guidance.batch == 2 { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+        let input = match condition {
+            Condition::Channels(c) => Tensor::cat(&[&latents, c], 1)?,
+            _ => latents.clone(),
+        };
+        let input = if guidance.batch == 2 { Tensor::cat(&[&input, &input], 0)? } else { input };
         let timestep = match given {
             // Per-token timesteps: 0 on the held frames.
             Some(g) => {

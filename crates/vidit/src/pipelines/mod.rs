@@ -1,5 +1,6 @@
 //! Pipelines compose models and a scheduler; they hold no numerics of their own.
 
+pub mod clip_image;
 pub mod denoise;
 pub mod extend;
 pub mod prompt;

@@ -1,7 +1,10 @@
 //! Text-to-video, as diffusers' `WanPipeline`: encode the prompt (and the negative prompt for
 //! classifier-free guidance), denoise Gaussian latents step by step, de-normalise, VAE-decode.
+//! With keyframes, image-to-video as `WanImageToVideoPipeline` for Wan checkpoints (2.1 I2V and
+//! FLF2V; 2.2 TI2V), and frame conditioning for vidit's own models.
 
-use super::denoise::{decode_frames, denoise, encode_frames, GivenFrames, Guidance};
+use super::clip_image::ImageEncoder;
+use super::denoise::{decode_frames, denoise, encode_frames, Condition, GivenFrames, Guidance};
 use super::wan::{GenerationConfig, WanModel};
 use crate::schedulers::Scheduler;
 use anyhow::{bail, Result};
@@ -21,8 +24,9 @@ pub struct TextToVideo {
     pub seed: u64,
     /// Initial noise `(1, C, T, h, w)` to use instead of drawing it from `seed`.
     pub init_latents: Option<Tensor>,
-    /// Given frames, for models trained with frame conditioning (vidit's own): the latent
-    /// frames they encode to are held clean at timestep 0 while the rest is generated.
+    /// Given frames: for Wan 2.1 I2V checkpoints the conditioning channels and CLIP image
+    /// states; otherwise (vidit's own models, Wan 2.2 TI2V) the latent frames they encode to,
+    /// held clean at timestep 0 while the rest is generated.
     pub keyframes: Keyframes,
 }
 
@@ -41,8 +45,68 @@ pub enum Keyframes {
 }
 
 impl Keyframes {
-    /// The held latents for a clip of `shape` `(1, C, T, h, w)`.
-    fn encode(&self, model: &WanModel, shape: [usize; 5]) -> Result<Option<GivenFrames>> {
+    /// The conditioning for a clip of latent `shape` `(1, C, T, h, w)`, and the CLIP image states
+    /// for Wan I2V checkpoints.
+    fn condition(&self, model: &WanModel, shape: [usize; 5]) -> Result<(Condition, Option<Tensor>)> {
+        if let Some(encoder) = &model.image_encoder {
+            return self.image_channels(model, encoder, shape);
+        }
+        if model.folder.expand_timesteps && matches!(self, Keyframes::FirstLast(..)) {
+            // diffusers' TI2V pipeline would drop the last image without a word.
+            bail!("Wan 2.2 TI2V (expand_timesteps) conditions on the first frame only; no last image");
+        }
+        Ok((self.held_frames(model, shape)?.map_or(Condition::None, Condition::Frames), None))
+    }
+
+    /// Wan 2.1 I2V: `[first, grey…]` or `[first, grey…, last]` VAE-encoded, behind a 4-channel
+    /// mask of the given pixel frames; the images' CLIP states.
+    fn image_channels(
+        &self,
+        model: &WanModel,
+        encoder: &ImageEncoder,
+        shape: [usize; 5],
+    ) -> Result<(Condition, Option<Tensor>)> {
+        let [_, _, t, h, w] = shape;
+        let temporal = model.vae.config.temporal_factor();
+        let frames = (t - 1) * temporal + 1;
+        let (first, last) = match self {
+            Keyframes::First(first) => (first, None),
+            Keyframes::FirstLast(first, last) => (first, Some(last)),
+            Keyframes::None => bail!("this image-to-video model (Wan I2V) needs a first frame"),
+            Keyframes::Prefix(_) => {
+                bail!("video extension needs a frame-conditioned model; this one is Wan I2V")
+            }
+        };
+        // Grey (0 in the VAE's [−1, 1]) where nothing is given.
+        let grey = Tensor::full(0.5f32, first.dims(), first.device())?.unsqueeze(0)?;
+        let mut clip = vec![first.unsqueeze(0)?];
+        let middle = frames - 1 - usize::from(last.is_some());
+        clip.extend(std::iter::repeat_n(grey, middle));
+        if let Some(last) = last {
+            clip.push(last.unsqueeze(0)?);
+        }
+        let encoded = encode_frames(model, &Tensor::cat(&clip, 0)?)?; // (1, C, T, h, w)
+                                                                      // Mask of the given pixel frames, the first repeated `temporal` times, folded so that each
+                                                                      // latent frame carries its `temporal` pixel frames as channels.
+        let given = |j: usize| j == 0 || (last.is_some() && j == frames - 1);
+        let mut mask = vec![0f32; temporal * t * h * w];
+        for f in 0..t {
+            for c in 0..temporal {
+                let pixel_frame = (temporal * f + c).saturating_sub(temporal - 1);
+                if given(pixel_frame) {
+                    let at = (c * t + f) * h * w;
+                    mask[at..at + h * w].fill(1.0);
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (1, temporal, t, h, w), &model.device)?;
+        let images: Vec<&Tensor> = std::iter::once(first).chain(last).collect();
+        let states = encoder.encode(&images)?; // (N, S, d)
+        Ok((Condition::Channels(Tensor::cat(&[mask, encoded], 1)?), Some(states)))
+    }
+
+    /// The held latents of frame-conditioned models.
+    fn held_frames(&self, model: &WanModel, shape: [usize; 5]) -> Result<Option<GivenFrames>> {
         let t = shape[2];
         let (clip, held): (Tensor, Vec<usize>) = match self {
             Keyframes::None => return Ok(None),
@@ -108,7 +172,7 @@ impl TextToVideo {
         let vae = &model.vae.config;
         [
             1,
-            model.transformer.config.in_channels,
+            vae.z_dim,
             (self.num_frames - 1) / vae.temporal_factor() + 1,
             self.height / vae.spatial_factor(),
             self.width / vae.spatial_factor(),
@@ -124,22 +188,23 @@ impl TextToVideo {
     ) -> Result<TextToVideoOutput> {
         let device = &model.device;
         let shape = self.latent_shape(model);
+        let (condition, image_states) = self.keyframes.condition(model, shape)?;
         let guidance = Guidance::new(
             model,
             &self.prompt,
             &self.negative_prompt,
             self.max_sequence_length,
             self.guidance_scale,
+            image_states.as_ref(),
         )?;
         let latents = match &self.init_latents {
             Some(l) if l.dims() == shape => l.to_device(device)?,
             Some(l) => bail!("initial latents have shape {:?}, expected {shape:?}", l.dims()),
             None => crate::noise::randn(self.seed, &shape, device)?,
         };
-        let given = self.keyframes.encode(model, shape)?;
         scheduler.set_timesteps(self.num_inference_steps)?;
         scheduler.seed(self.seed.wrapping_add(1)); // stochastic samplers draw their noise from the seed too
-        let latents = denoise(model, scheduler, &guidance, latents, 0, given.as_ref(), on_step)?;
+        let latents = denoise(model, scheduler, &guidance, latents, 0, &condition, on_step)?;
         let frames = decode_frames(model, &latents)?;
         Ok(TextToVideoOutput { latents, frames })
     }

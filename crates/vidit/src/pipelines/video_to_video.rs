@@ -1,7 +1,7 @@
 //! Video-to-video (SDEdit), as diffusers' `WanVideoToVideoPipeline`: encode the clip, mix noise
 //! into it at the timestep `strength` selects, and denoise from there under the prompt.
 
-use super::denoise::{decode_frames, denoise, encode_frames, Guidance};
+use super::denoise::{decode_frames, denoise, encode_frames, Condition, Guidance};
 use super::text_to_video::{TextToVideo, TextToVideoOutput};
 use super::wan::WanModel;
 use crate::schedulers::Scheduler;
@@ -40,8 +40,17 @@ impl VideoToVideo {
             bail!("strength {} re-runs none of the {} steps", self.strength, r.num_inference_steps);
         }
         let shape = r.latent_shape(model);
-        let guidance =
-            Guidance::new(model, &r.prompt, &r.negative_prompt, r.max_sequence_length, r.guidance_scale)?;
+        if model.image_encoder.is_some() {
+            bail!("video-to-video takes a text-to-video model; this one is image-to-video (Wan I2V)");
+        }
+        let guidance = Guidance::new(
+            model,
+            &r.prompt,
+            &r.negative_prompt,
+            r.max_sequence_length,
+            r.guidance_scale,
+            None,
+        )?;
         scheduler.set_timesteps(r.num_inference_steps)?;
         scheduler.seed(r.seed.wrapping_add(1));
         let latents = match &r.init_latents {
@@ -60,7 +69,7 @@ impl VideoToVideo {
                 scheduler.add_noise(&clean, &noise, begin)?
             }
         };
-        let latents = denoise(model, scheduler, &guidance, latents, begin, None, on_step)?;
+        let latents = denoise(model, scheduler, &guidance, latents, begin, &Condition::None, on_step)?;
         let frames = decode_frames(model, &latents)?;
         Ok(TextToVideoOutput { latents, frames })
     }

@@ -1,8 +1,11 @@
-//! A Wan model folder loaded whole: text encoder, transformer, VAE and the scheduler config.
+//! A Wan model folder loaded whole: text encoder, transformer, VAE, the scheduler config, and
+//! for image-to-video checkpoints (Wan 2.1 I2V) the CLIP image encoder and its processor.
 
+use super::clip_image::{ClipImageProcessor, ImageEncoder};
 use super::prompt::PromptEncoder;
 use crate::error::input_error;
 use crate::model_folder::{load_config, MappedWeights, ModelFolder};
+use crate::models::clip_vision::{ClipVisionConfig, ClipVisionModel};
 use crate::models::umt5::{Umt5Config, Umt5EncoderModel};
 use crate::models::wan_transformer::{WanTransformer3DModel, WanTransformerConfig};
 use crate::models::wan_vae::{AutoencoderKLWan, WanVaeConfig};
@@ -44,6 +47,8 @@ pub struct WanModel {
     pub text: PromptEncoder,
     pub transformer: WanTransformer3DModel,
     pub vae: AutoencoderKLWan,
+    /// Present when the transformer takes image states (`image_dim`).
+    pub image_encoder: Option<ImageEncoder>,
     pub scheduler_config: PathBuf,
     pub generation: GenerationConfig,
     pub device: Device,
@@ -56,6 +61,7 @@ pub struct WanConfigs {
     pub vae: WanVaeConfig,
     pub text_encoder: Umt5Config,
     pub tokenizer_json: PathBuf,
+    pub image_encoder: Option<(ClipVisionConfig, ClipImageProcessor)>,
     pub scheduler_config: PathBuf,
     pub generation: GenerationConfig,
 }
@@ -86,6 +92,21 @@ impl WanConfigs {
         in_component(&transformer_dir.join("config.json"), transformer.validate())?;
         let vae: WanVaeConfig = load_config(&vae_dir.join("config.json"))?;
         in_component(&vae_dir.join("config.json"), vae.validate())?;
+        // I2V checkpoints take the noisy latents, a frame mask (one channel per pixel frame of a
+        // latent frame) and the encoded condition clip.
+        let latent_channels = match transformer.image_dim {
+            Some(_) => 2 * vae.z_dim + vae.temporal_factor(),
+            None => vae.z_dim,
+        };
+        if transformer.in_channels != latent_channels || transformer.out_channels != vae.z_dim {
+            return Err(input_error(format!(
+                "{}: in_channels {} / out_channels {} do not fit the VAE's z_dim {}",
+                transformer_dir.join("config.json").display(),
+                transformer.in_channels,
+                transformer.out_channels,
+                vae.z_dim
+            )));
+        }
         let text_encoder: Umt5Config = load_config(&text_dir.join("config.json"))?;
         if text_encoder.d_model != transformer.text_dim {
             return Err(input_error(format!(
@@ -95,8 +116,16 @@ impl WanConfigs {
                 transformer.text_dim
             )));
         }
+        let image_encoder = match transformer.image_dim {
+            Some(image_dim) => Some(read_image_encoder(&folder, image_dim)?),
+            None => None,
+        };
         // Fail now, not after loading gigabytes, if a weight file is missing or unreadable.
-        for dir in [&transformer_dir, &vae_dir, &text_dir] {
+        let mut weight_dirs = vec![transformer_dir, vae_dir, text_dir];
+        if image_encoder.is_some() {
+            weight_dirs.push(folder.component("image_encoder")?);
+        }
+        for dir in &weight_dirs {
             MappedWeights::open(&crate::model_folder::weight_files(dir)?)?;
         }
         crate::schedulers::from_config_file(&scheduler_config, None, None)?;
@@ -106,8 +135,36 @@ impl WanConfigs {
         } else {
             GenerationConfig::default()
         };
-        Ok(Self { folder, transformer, vae, text_encoder, tokenizer_json, scheduler_config, generation })
+        Ok(Self {
+            folder,
+            transformer,
+            vae,
+            text_encoder,
+            tokenizer_json,
+            image_encoder,
+            scheduler_config,
+            generation,
+        })
     }
+}
+
+/// The CLIP configs of an I2V folder, checked against the transformer's `image_dim`.
+fn read_image_encoder(
+    folder: &ModelFolder,
+    image_dim: usize,
+) -> Result<(ClipVisionConfig, ClipImageProcessor)> {
+    let config_path = folder.component("image_encoder")?.join("config.json");
+    let config: ClipVisionConfig = load_config(&config_path)?;
+    in_component(&config_path, config.validate())?;
+    if config.hidden_size != image_dim {
+        return Err(input_error(format!(
+            "{}: hidden_size {} does not match the transformer's image_dim {image_dim}",
+            config_path.display(),
+            config.hidden_size
+        )));
+    }
+    let processor_path = folder.component("image_processor")?.join("preprocessor_config.json");
+    Ok((config, load_config(&processor_path)?))
 }
 
 impl WanModel {
@@ -118,6 +175,7 @@ impl WanModel {
             vae,
             text_encoder,
             tokenizer_json,
+            image_encoder,
             scheduler_config,
             generation,
         } = configs;
@@ -138,7 +196,27 @@ impl WanModel {
             &dir,
             MappedWeights::var_builder(&dir, device).and_then(|vb| AutoencoderKLWan::new(vae, vb)),
         )?;
-        Ok(Self { folder, text, transformer, vae, scheduler_config, generation, device: device.clone() })
+        let image_encoder = match image_encoder {
+            Some((config, processor)) => {
+                let dir = folder.component("image_encoder")?;
+                let model = in_component(
+                    &dir,
+                    MappedWeights::var_builder(&dir, device).and_then(|vb| ClipVisionModel::new(config, vb)),
+                )?;
+                Some(ImageEncoder { processor, model })
+            }
+            None => None,
+        };
+        Ok(Self {
+            folder,
+            text,
+            transformer,
+            vae,
+            image_encoder,
+            scheduler_config,
+            generation,
+            device: device.clone(),
+        })
     }
 
     /// Reads and loads a model folder.
