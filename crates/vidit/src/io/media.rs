@@ -330,4 +330,46 @@ mod tests {
         assert!(read_media(&empty).is_err());
         Ok(())
     }
+
+    fn media_fixture(name: &str) -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/media").join(name)
+    }
+
+    fn psnr(a: &RgbImage, b: &RgbImage) -> f64 {
+        let mse =
+            a.as_raw().iter().zip(b.as_raw()).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>()
+                / a.as_raw().len() as f64;
+        10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10()
+    }
+
+    /// ffmpeg/x264 High profile with B-frames (I P B order differs from display order), encoded
+    /// from a square moving 3 px a frame: every frame decodes, in display order.
+    #[test]
+    fn x264_b_frame_streams_decode_every_frame_in_order() -> Result<()> {
+        let clip = read_media(&media_fixture("bframes_x264.mp4"))?;
+        let source = read_media(&media_fixture("bframes_source"))?;
+        assert_eq!(clip.frames.len(), 16);
+        assert_eq!(source.frames.len(), 16);
+        assert!((clip.fps.expect("an MP4 carries its rate") - 8.0).abs() < 1e-6);
+        for (i, frame) in clip.frames.iter().enumerate() {
+            let own = psnr(frame, &source.frames[i]);
+            assert!(own > 35.0, "frame {i}: {own:.1} dB against its source");
+            // Out of order would match a neighbour better.
+            for j in [i.wrapping_sub(1), i + 1].into_iter().filter(|&j| j < 16) {
+                assert!(own > psnr(frame, &source.frames[j]) + 3.0, "frame {i} looks like source frame {j}");
+            }
+        }
+        Ok(())
+    }
+
+    /// 4:4:4 and 10-bit H.264 (which openh264 cannot decode) are one-line input errors.
+    #[test]
+    fn high444_and_high10_streams_are_refused_by_name() {
+        for name in ["yuv444_x264.mp4", "yuv420p10_x264.mp4"] {
+            let err = read_media(&media_fixture(name)).err().unwrap_or_else(|| panic!("{name} was read"));
+            assert!(crate::error::is_input_error(&err), "{name}: {err:#}");
+            let message = format!("{err}");
+            assert!(message.contains(name) && message.contains("8-bit 4:2:0"), "{name}: {message}");
+        }
+    }
 }
