@@ -137,8 +137,7 @@ text_encoder = UMT5EncoderModel(
 ).eval()
 perturb_norms(text_encoder, gen)
 
-torch.manual_seed(1)
-transformer = WanTransformer3DModel(
+TINY_TRANSFORMER = dict(
     patch_size=(1, 2, 2),
     num_attention_heads=2,
     attention_head_dim=32,
@@ -152,7 +151,9 @@ transformer = WanTransformer3DModel(
     qk_norm="rms_norm_across_heads",
     eps=1e-6,
     rope_max_seq_len=1024,
-).eval()
+)
+torch.manual_seed(1)
+transformer = WanTransformer3DModel(**TINY_TRANSFORMER).eval()
 perturb_norms(transformer, gen)
 
 torch.manual_seed(2)
@@ -438,24 +439,9 @@ image_processor.save_pretrained(os.path.join(i2v_dir, "image_processor"))
 i2v_transformers = {}
 for name, pos_embed in [("transformer", None), ("transformer_flf2v", 20)]:
     torch.manual_seed(4)
-    t = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=32,
-        in_channels=36,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=128,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=1e-6,
-        rope_max_seq_len=1024,
-        image_dim=32,
-        added_kv_proj_dim=64,
-        pos_embed_seq_len=pos_embed,
-    ).eval()
+    # 16 noisy latent channels + 4 mask + 16 of the encoded condition clip.
+    i2v_config = dict(TINY_TRANSFORMER, in_channels=36, image_dim=32, added_kv_proj_dim=64)
+    t = WanTransformer3DModel(**i2v_config, pos_embed_seq_len=pos_embed).eval()
     perturb_norms(t, gen)
     if pos_embed is not None:
         with torch.no_grad():

@@ -1,14 +1,37 @@
 //! `vidit eval`: generate clips for the shapes grammar and score colour, shape and direction from
 //! the pixels with the deterministic analyzer, separately for seen and held-out combinations.
+//! Besides text-to-video, each conditioned mode is scored on rendered ground-truth clips:
+//! image-to-video (and how well frame 0 keeps the image), keyframe interpolation (distance of the
+//! shape from the straight path between the keyframes), extension (the new frames, and the seam)
+//! and video-to-video (the colour changed to the prompt's, the motion kept).
 
 use anyhow::Result;
-use candle_core::Device;
-use clap::Args;
+use candle_core::{Device, Tensor};
+use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use vidit::error::input_error;
-use vidit::pipelines::{TextToVideo, WanModel};
+use vidit::pipelines::extend::extend;
+use vidit::pipelines::{Keyframes, TextToVideo, VideoToVideo, WanModel};
 use vidit::schedulers::from_config_file;
-use vidit::train::data::shapes::{analyze, Combination, Split};
+use vidit::train::data::shapes::{analyze, centroids, render, Combination, Motion, Split, COLORS};
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+pub enum Mode {
+    /// Text-to-video.
+    Text,
+    /// Image-to-video from the first frame of a rendered clip.
+    Image,
+    /// From the first and the last frame of a rendered clip.
+    Interpolate,
+    /// A rendered clip continued by one window.
+    Extend,
+    /// A rendered clip of another colour restyled to the prompt's at strength 0.6.
+    Video,
+}
+
+/// Frames extension continues from (as `vidit generate --extend`).
+const EXTEND_CONTEXT: usize = 5;
+const VIDEO_STRENGTH: f64 = 0.6;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -29,6 +52,9 @@ pub struct EvalArgs {
     /// Guidance scale [model's generation_config.json].
     #[arg(long)]
     guidance: Option<f64>,
+    /// What to generate and score.
+    #[arg(long, value_enum, default_value = "text")]
+    mode: Mode,
 }
 
 #[derive(Default)]
@@ -38,6 +64,8 @@ struct Score {
     shape: usize,
     direction: usize,
     all: usize,
+    /// The mode's own measure, summed over clips (PSNR of frame 0, centroid error, seam ratio).
+    measure: f64,
 }
 
 impl Score {
@@ -56,17 +84,113 @@ impl Score {
         }
     }
 
-    fn row(&self, name: &str) -> String {
+    fn row(&self, name: &str, mode: Mode) -> String {
         let pct = |k: usize| 100.0 * k as f64 / self.clips.max(1) as f64;
-        format!(
+        let mut row = format!(
             "{name:<9} {:>5} {:>6.1}% {:>6.1}% {:>9.1}% {:>6.1}%",
             self.clips,
             pct(self.color),
             pct(self.shape),
             pct(self.direction),
             pct(self.all)
-        )
+        );
+        if let Some(what) = measure_name(mode) {
+            row += &format!("   {what}: {:.2}", self.measure / self.clips.max(1) as f64);
+        }
+        row
     }
+}
+
+fn measure_name(mode: Mode) -> Option<&'static str> {
+    match mode {
+        Mode::Text | Mode::Video => None,
+        Mode::Image => Some("mean PSNR of frame 0 vs the image (dB)"),
+        Mode::Interpolate => Some("mean centroid distance from the keyframes' straight path (px)"),
+        Mode::Extend => Some("mean seam change / mean frame-to-frame change"),
+    }
+}
+
+/// Peak signal-to-noise ratio of two frames `(3, H, W)` in [0, 1].
+fn psnr(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let mse = (a - b)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+    Ok(-10.0 * mse.max(1e-12).log10())
+}
+
+/// Mean absolute change between consecutive frames of `(F, 3, H, W)`, per pair.
+fn frame_changes(frames: &Tensor) -> Result<Vec<f64>> {
+    let n = frames.dim(0)?;
+    let diff = (frames.narrow(0, 1, n - 1)? - frames.narrow(0, 0, n - 1)?)?.abs()?;
+    Ok(diff.flatten_from(1)?.mean(1)?.to_vec1::<f32>()?.into_iter().map(f64::from).collect())
+}
+
+/// Generates one clip for `combo` in `mode` and scores it; the request's seed draws both the
+/// noise and the ground truth's motion.
+fn score_one(
+    model: &WanModel,
+    request: TextToVideo,
+    mode: Mode,
+    combo: Combination,
+    score: &mut Score,
+) -> Result<()> {
+    let g = &model.generation;
+    let (w, h, f) = (g.width, g.height, g.num_frames);
+    let mut scheduler = from_config_file(&model.scheduler_config, None, None)?;
+    // Video-to-video starts from the same motion in another colour.
+    let source_combo = match mode {
+        Mode::Video => {
+            Combination { color: (combo.color + 1 + request.seed as usize % 6) % COLORS.len(), ..combo }
+        }
+        _ => combo,
+    };
+    let motion = Motion::from_seed(request.seed ^ 0x7275_7468, source_combo, w, h, f);
+    let truth = render(source_combo, &motion, w, h, f, &model.device)?; // (F, 3, H, W)
+    let (scored, measure) = match mode {
+        Mode::Text => (request.run(model, scheduler.as_mut(), |_, _| {})?.frames, 0.0),
+        Mode::Image => {
+            let request = TextToVideo { keyframes: Keyframes::First(truth.get(0)?), ..request };
+            let frames = request.run(model, scheduler.as_mut(), |_, _| {})?.frames;
+            let fidelity = psnr(&frames.get(0)?, &truth.get(0)?)?;
+            (frames, fidelity)
+        }
+        Mode::Interpolate => {
+            let keys = Keyframes::FirstLast(truth.get(0)?, truth.get(f - 1)?);
+            let frames =
+                TextToVideo { keyframes: keys, ..request }.run(model, scheduler.as_mut(), |_, _| {})?.frames;
+            // The shape moves in a straight line at constant speed: the path is the truth's.
+            let errors: Vec<f64> = centroids(&frames)?
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let [tx, ty] = motion.centre(combo, i);
+                    c.map_or(w as f64, |[x, y]| ((x - tx) as f64).hypot((y - ty) as f64))
+                })
+                .collect();
+            (frames, errors.iter().sum::<f64>() / errors.len() as f64)
+        }
+        Mode::Extend => {
+            let clip = extend(
+                model,
+                scheduler.as_mut(),
+                &request,
+                &truth,
+                f - EXTEND_CONTEXT,
+                EXTEND_CONTEXT,
+                |_, _| {},
+            )?;
+            let new = clip.narrow(0, f, clip.dim(0)? - f)?;
+            // The seam is the change from the last given frame to the first new one.
+            let changes = frame_changes(&clip)?;
+            let typical = changes.iter().sum::<f64>() / changes.len() as f64;
+            (new, changes[f - 1] / typical.max(1e-9))
+        }
+        Mode::Video => {
+            let v2v = VideoToVideo { request, video: truth, strength: VIDEO_STRENGTH, noise: None };
+            (v2v.run(model, scheduler.as_mut(), |_, _| {})?.frames, 0.0)
+        }
+    };
+    score.add(combo, analyze(&scored)?.map(|a| a.combination));
+    score.measure += measure;
+    Ok(())
 }
 
 fn read_prompts(path: &PathBuf) -> Result<Vec<Combination>> {
@@ -117,16 +241,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
                     args.seed.wrapping_add((split * args.n + i) as u64),
                 )
             };
-            let mut scheduler = from_config_file(&model.scheduler_config, None, None)?;
-            let output = request.run(&model, scheduler.as_mut(), |_, _| {})?;
-            let got = analyze(&output.frames)?.map(|a| a.combination);
-            scores[split].add(combo, got);
+            score_one(&model, request, args.mode, combo, &mut scores[split])?;
         }
     }
     println!("split     clips  color   shape  direction    all");
     for (score, name) in scores.iter().zip(["seen", "held-out"]) {
         if score.clips > 0 {
-            println!("{}", score.row(name));
+            println!("{}", score.row(name, args.mode));
         }
     }
     eprintln!("{} clips in {:.0}s", scores[0].clips + scores[1].clips, started.elapsed().as_secs_f64());

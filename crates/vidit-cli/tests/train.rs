@@ -150,6 +150,17 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
     let table =
         ok(vidit(&["eval", "--model", p(&model), "--prompts", p(&prompts), "--n", "1", "--steps", "1"]));
     assert!(table.contains("seen") && table.contains("held-out"), "{table}");
+    // Every conditioned mode runs on rendered clips and reports its own measure.
+    for (mode, measure) in [
+        ("image", "PSNR of frame 0"),
+        ("interpolate", "straight path"),
+        ("extend", "seam change"),
+        ("video", ""),
+    ] {
+        let args = ["eval", "--model", p(&model), "--prompts", p(&prompts), "--n", "1", "--steps", "1"];
+        let table = ok(vidit(&[&args[..], &["--mode", mode]].concat()));
+        assert!(table.contains("held-out") && table.contains(measure), "{mode}: {table}");
+    }
     std::fs::write(&prompts, "a red circle moving sideways\n")?;
     let bad = vidit(&["eval", "--model", p(&model), "--prompts", p(&prompts)]);
     assert_eq!(bad.status.code(), Some(2));

@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 pub const COLORS: [(&str, [f32; 3]); 7] = [
@@ -135,6 +135,11 @@ impl Motion {
         Motion { start, speed, size }
     }
 
+    /// [`Self::sample`] from a seed of its own (for evaluation clips).
+    pub fn from_seed(seed: u64, combo: Combination, width: usize, height: usize, frames: usize) -> Motion {
+        Self::sample(&mut ChaCha8Rng::seed_from_u64(seed), combo, width, height, frames)
+    }
+
     pub fn centre(&self, combo: Combination, frame: usize) -> [f32; 2] {
         let [dx, dy] = DIRECTIONS[combo.direction].1;
         [self.start[0] + dx * self.speed * frame as f32, self.start[1] + dy * self.speed * frame as f32]
@@ -249,31 +254,18 @@ pub fn analyze(frames: &Tensor) -> Result<Option<Analysis>> {
     let mut colour = [0f64; 3];
     let mut bright = 0usize;
     for fr in 0..f {
-        let mut mass = Vec::with_capacity(h * w);
-        let mut count = 0usize;
         for y in 0..h {
             for x in 0..w {
-                let m = (0..3).map(|ch| px(fr, ch, y, x)).fold(0f32, f32::max);
-                if m > 0.5 {
-                    count += 1;
+                if (0..3).map(|ch| px(fr, ch, y, x)).fold(0f32, f32::max) > 0.5 {
                     for (ch, acc) in colour.iter_mut().enumerate() {
                         *acc += px(fr, ch, y, x) as f64;
                     }
                     bright += 1;
                 }
-                mass.push(if m > 0.15 { m } else { 0.0 });
             }
         }
-        let area: f32 = mass.iter().sum();
-        if count < 4 || area == 0.0 {
-            return Ok(None);
-        }
-        let (mut cx, mut cy) = (0f32, 0f32);
-        for (i, &m) in mass.iter().enumerate() {
-            cx += m * ((i % w) as f32 + 0.5);
-            cy += m * ((i / w) as f32 + 0.5);
-        }
-        let centre = [cx / area, cy / area];
+        let frame = &data[fr * 3 * h * w..(fr + 1) * 3 * h * w];
+        let Some((mass, area, centre)) = frame_mass(frame, h, w) else { return Ok(None) };
         centroids.push(centre);
         // Fit inside a window that holds the largest variant (the triangle's apex reaches 0.88·√A
         // from its centroid) with its blur; outside it every template is zero alike.
@@ -319,6 +311,31 @@ pub fn analyze(frames: &Tensor) -> Result<Option<Analysis>> {
         first_centroid: first,
         last_centroid: last,
     }))
+}
+
+/// A frame's shape mass (brightest channel above a noise floor), its total and its centroid in
+/// pixels, from `(3, H, W)` values; `None` when fewer than 4 pixels are bright.
+fn frame_mass(frame: &[f32], h: usize, w: usize) -> Option<(Vec<f32>, f32, [f32; 2])> {
+    let brightest = |i: usize| frame[i].max(frame[h * w + i]).max(frame[2 * h * w + i]);
+    let mass: Vec<f32> = (0..h * w).map(|i| brightest(i)).map(|m| if m > 0.15 { m } else { 0.0 }).collect();
+    let area: f32 = mass.iter().sum();
+    if (0..h * w).filter(|&i| brightest(i) > 0.5).count() < 4 || area == 0.0 {
+        return None;
+    }
+    let (mut cx, mut cy) = (0f32, 0f32);
+    for (i, &m) in mass.iter().enumerate() {
+        cx += m * ((i % w) as f32 + 0.5);
+        cy += m * ((i / w) as f32 + 0.5);
+    }
+    Some((mass, area, [cx / area, cy / area]))
+}
+
+/// The shape's centroid in each frame of `(F, 3, H, W)` in [0, 1], as [`analyze`] measures it
+/// (`None` for a frame without a shape).
+pub fn centroids(frames: &Tensor) -> Result<Vec<Option<[f32; 2]>>> {
+    let (f, _, h, w) = frames.dims4()?;
+    let data = frames.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok((0..f).map(|fr| frame_mass(&data[fr * 3 * h * w..(fr + 1) * 3 * h * w], h, w).map(|m| m.2)).collect())
 }
 
 /// The least squared error between `mass` and `shape` drawn at `centre` with area `area` (scaled
@@ -378,7 +395,6 @@ fn gaussian_blur(img: &[f32], w: usize, h: usize, sigma: f32) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
 
     #[test]
     fn grammar_and_held_out_split() {
