@@ -223,6 +223,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let model = WanModel::open(&args.model, &Device::Cpu)?;
     let g = model.generation.clone();
+    let steps = args.steps.unwrap_or(g.num_inference_steps);
+    if args.mode == Mode::Video && VideoToVideo::begin_index(steps, VIDEO_STRENGTH) == steps {
+        return Err(input_error(format!(
+            "--steps {steps}: video-to-video at strength {VIDEO_STRENGTH} would re-run no step"
+        )));
+    }
     let mut scores = [Score::default(), Score::default()];
     let started = std::time::Instant::now();
     for (split, held_out) in [(0usize, false), (1, true)] {
@@ -233,7 +239,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         for i in 0..args.n {
             let combo = pool[i % pool.len()];
             let request = TextToVideo {
-                num_inference_steps: args.steps.unwrap_or(g.num_inference_steps),
+                num_inference_steps: steps,
                 guidance_scale: args.guidance.unwrap_or(g.guidance_scale),
                 ..TextToVideo::with_defaults(
                     combo.caption(),

@@ -157,7 +157,7 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
         ("extend", "seam change"),
         ("video", ""),
     ] {
-        let args = ["eval", "--model", p(&model), "--prompts", p(&prompts), "--n", "1", "--steps", "1"];
+        let args = ["eval", "--model", p(&model), "--prompts", p(&prompts), "--n", "1", "--steps", "2"];
         let table = ok(vidit(&[&args[..], &["--mode", mode]].concat()));
         assert!(table.contains("held-out") && table.contains(measure), "{mode}: {table}");
     }
