@@ -317,7 +317,7 @@ pub fn analyze(frames: &Tensor) -> Result<Option<Analysis>> {
 /// pixels, from `(3, H, W)` values; `None` when fewer than 4 pixels are bright.
 fn frame_mass(frame: &[f32], h: usize, w: usize) -> Option<(Vec<f32>, f32, [f32; 2])> {
     let brightest = |i: usize| frame[i].max(frame[h * w + i]).max(frame[2 * h * w + i]);
-    let mass: Vec<f32> = (0..h * w).map(|i| brightest(i)).map(|m| if m > 0.15 { m } else { 0.0 }).collect();
+    let mass: Vec<f32> = (0..h * w).map(&brightest).map(|m| if m > 0.15 { m } else { 0.0 }).collect();
     let area: f32 = mass.iter().sum();
     if (0..h * w).filter(|&i| brightest(i) > 0.5).count() < 4 || area == 0.0 {
         return None;
