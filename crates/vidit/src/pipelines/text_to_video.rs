@@ -86,8 +86,9 @@ impl Keyframes {
             clip.push(last.unsqueeze(0)?);
         }
         let encoded = encode_frames(model, &Tensor::cat(&clip, 0)?)?; // (1, C, T, h, w)
-                                                                      // Mask of the given pixel frames, the first repeated `temporal` times, folded so that each
-                                                                      // latent frame carries its `temporal` pixel frames as channels.
+
+        // Mask of the given pixel frames, the first repeated `temporal` times, folded so that each
+        // latent frame carries its `temporal` pixel frames as channels.
         let given = |j: usize| j == 0 || (last.is_some() && j == frames - 1);
         let mut mask = vec![0f32; temporal * t * h * w];
         for f in 0..t {
