@@ -459,17 +459,8 @@ for name in ["first", "last"]:
     )
 first = Image.open(os.path.join(i2v_dir, "first.png")).convert("RGB")
 last = Image.open(os.path.join(i2v_dir, "last.png")).convert("RGB")
-i2v_run = dict(
-    prompt=PROMPT,
-    negative_prompt=NEGATIVE,
-    height=48,
-    width=64,
-    num_frames=5,
-    num_inference_steps=3,
-    guidance_scale=5.0,
-    # diffusers' attention splits the image tokens off as all but the last 512 context tokens.
-    max_sequence_length=512,
-)
+# diffusers' attention splits the image tokens off as all but the last 512 context tokens.
+i2v_run = dict(run, max_sequence_length=512)
 manifest["image_to_video"] = i2v_run
 for record, transformer_name, extra in [
     ("i2v", "transformer", {}),
