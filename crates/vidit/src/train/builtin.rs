@@ -30,7 +30,9 @@ pub fn generation_config() -> GenerationConfig {
         num_frames: FRAMES,
         fps: FPS,
         num_inference_steps: 20,
-        guidance_scale: 4.0,
+        // Picked by `vidit eval` on the shipped model: at 8 its shapes are right more often than
+        // at 4 (60 / 38% seen / held-out against 47 / 30%), colour and direction as good.
+        guidance_scale: 8.0,
         max_sequence_length: 16,
     }
 }
