@@ -26,7 +26,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 struct Linear;
 
 fn parallelism() -> Parallelism {
-    match candle_core::utils::get_num_threads() {
+    match super::num_threads() {
         0 | 1 => Parallelism::None,
         n => Parallelism::Rayon(n),
     }

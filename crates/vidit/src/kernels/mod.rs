@@ -17,6 +17,24 @@ pub mod rope;
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
+/// The threads the kernels split work over, read once. candle's `get_num_threads` parses
+/// `/proc/cpuinfo` on every call (several hundred times a second in training) unless
+/// `RAYON_NUM_THREADS` is set; see [`pin_thread_count`].
+pub fn num_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
+}
+
+/// Sets `RAYON_NUM_THREADS` to candle's default thread count when it is not set, so that
+/// candle's own matmuls and convolutions read the count from the environment instead of
+/// `/proc/cpuinfo` at each call. Call it at the start of `main`, before any thread is spawned (it
+/// changes the process environment).
+pub fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", num_threads().to_string());
+    }
+}
+
 /// Whether `x` can take a fused CPU kernel.
 pub fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
