@@ -220,23 +220,31 @@ fn named_case(
 ) -> Result<(WanTransformer3DModel, StepInputs)> {
     let config = named.transformer();
     let (shape, text_tokens) = named.inputs();
+    // Initialised as trainable variables, then rebuilt from plain tensors: a loaded model's
+    // weights are frozen, which is what inference kernels may rely on.
     let varmap = candle_nn::VarMap::new();
-    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, device);
-    let transformer = WanTransformer3DModel::new(config.clone(), vb)?;
+    WanTransformer3DModel::new(
+        config.clone(),
+        candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, device),
+    )?;
+    let weights: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
     if let Some(dir) = save.map(|dir| dir.join("transformer")) {
         std::fs::create_dir_all(&dir).with_context(|| format!("--save: cannot create {}", dir.display()))?;
-        let weights: HashMap<String, Tensor> = varmap
-            .data()
-            .lock()
-            .expect("varmap lock")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
         vidit::io::tensors::write_tensors(&dir.join("diffusion_pytorch_model.safetensors"), &weights)?;
         let mut config_json = serde_json::to_value(&config)?;
         config_json["_class_name"] = json!("WanTransformer3DModel");
         std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config_json)?)?;
     }
+    let transformer = WanTransformer3DModel::new(
+        config.clone(),
+        candle_nn::VarBuilder::from_tensors(weights, DType::F32, device),
+    )?;
     let latents = vidit::noise::randn(0, &shape, device)?;
     let text = vidit::noise::randn(1, &[shape[0], text_tokens, config.text_dim], device)?;
     // Wan's sampler: UniPC on flow sigmas, shift 3.

@@ -211,6 +211,7 @@ fn custom_ops_match_finite_differences() -> Result<()> {
 
     // The fused CPU kernels (vidit::kernels), token-major (B, L, H, D).
     use vidit::kernels;
+    use vidit::kernels::linear::WeightLayout;
     let (qt, kt, vt) = (
         q.transpose(1, 2)?.contiguous()?,
         k.transpose(1, 2)?.contiguous()?,
@@ -221,9 +222,15 @@ fn custom_ops_match_finite_differences() -> Result<()> {
     check_gradient("fused attention wrt v", &vt, |t| kernels::attention::attention(&qt, &kt, t, 0.5))?;
     check_gradient("fused gelu", &x, kernels::gelu::gelu)?;
     let (w, b) = (randn(21, &[5, 8]), randn(22, &[5]));
-    check_gradient("fused linear wrt x", &x, |t| kernels::linear::linear(t, &w, Some(&b)))?;
-    check_gradient("fused linear wrt weight", &w, |t| kernels::linear::linear(&x, t, Some(&b)))?;
-    check_gradient("fused linear wrt bias", &b, |t| kernels::linear::linear(&x, &w, Some(t)))?;
+    for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+        let w = match layout {
+            WeightLayout::OutIn => w.clone(),
+            WeightLayout::InOut => w.t()?.contiguous()?,
+        };
+        check_gradient("fused linear wrt x", &x, |t| kernels::linear::linear(t, &w, Some(&b), layout))?;
+        check_gradient("fused linear wrt weight", &w, |t| kernels::linear::linear(&x, t, Some(&b), layout))?;
+        check_gradient("fused linear wrt bias", &b, |t| kernels::linear::linear(&x, &w, Some(t), layout))?;
+    }
     let (cos, sin) = (randn(23, &[5, 2]).cos()?, randn(23, &[5, 2]).sin()?);
     check_gradient("fused rope", &qt, |t| kernels::rope::rope(t, &cos, &sin))?;
 

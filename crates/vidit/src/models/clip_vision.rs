@@ -5,10 +5,10 @@
 
 use super::layers::attention::attention;
 use super::layers::norm::LayerNorm;
-use super::layers::{apply, linear};
+use super::layers::{apply, linear, Linear};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 /// `image_encoder/config.json` (transformers' `CLIPVisionConfig`), with its defaults.

@@ -4,11 +4,11 @@
 
 use super::layers::attention::sdpa;
 use super::layers::norm::RmsNorm;
-use super::layers::{apply, linear_no_bias};
+use super::layers::{apply, linear_no_bias, Linear};
 use crate::kernels::gelu::gelu;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{Embedding, Linear, Module, VarBuilder};
+use candle_nn::{Embedding, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// `text_encoder/config.json` (transformers' `UMT5Config`), with its defaults.

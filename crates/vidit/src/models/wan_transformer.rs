@@ -9,11 +9,11 @@
 
 use super::layers::attention::attention;
 use super::layers::norm::{gated_add, LayerNorm, RmsNorm};
-use super::layers::{apply, linear};
+use super::layers::{apply, linear, Linear};
 use crate::kernels::gelu::gelu;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 /// `transformer/config.json`, with diffusers' defaults.
