@@ -5,53 +5,54 @@ pub mod conv2d;
 pub mod conv3d;
 pub mod norm;
 
+use crate::kernels::linear::WeightLayout;
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_nn::{Module, VarBuilder};
-use std::sync::OnceLock;
 
-/// A linear layer, weights `[out, in]` as PyTorch stores them. Frozen weights (inference) are
-/// also kept transposed, `[in, out]`, made on the first CPU forward: gemm runs 10-30% faster with
-/// the output features contiguous (`examples/linear_layouts.rs`). Trained weights (candle `Var`s,
-/// updated in place) are always read as they are.
+/// A linear layer over checkpoint weights `[out, in]`, as PyTorch stores them. Frozen f32 weights
+/// on the CPU (inference) are stored transposed instead, `[in, out]`, once at load: gemm runs
+/// 15-40% faster with the output features contiguous (`examples/linear_layouts.rs`), and the
+/// copy replaces the original, so memory stays the same. Trained weights (candle `Var`s, updated
+/// in place) stay as they are.
 pub struct Linear {
-    inner: candle_nn::Linear,
-    weight_in_out: OnceLock<Option<Tensor>>,
+    weight: Tensor,
+    layout: WeightLayout,
+    bias: Option<Tensor>,
 }
 
 impl Linear {
-    fn new(inner: candle_nn::Linear) -> Self {
-        Self { inner, weight_in_out: OnceLock::new() }
+    fn new(layer: candle_nn::Linear) -> Result<Self> {
+        let (weight, bias) = (layer.weight().clone(), layer.bias().cloned());
+        let frozen_cpu = weight.device().is_cpu() && weight.dtype() == DType::F32 && !weight.is_variable();
+        Ok(match frozen_cpu {
+            true => Self { weight: weight.t()?.contiguous()?, layout: WeightLayout::InOut, bias },
+            false => Self { weight, layout: WeightLayout::OutIn, bias },
+        })
     }
 }
 
 /// A `Linear` with bias.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear::new(candle_nn::linear(in_dim, out_dim, vb)?))
+    Linear::new(candle_nn::linear(in_dim, out_dim, vb)?)
 }
 
 /// A `Linear` without bias.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear::new(candle_nn::linear_no_bias(in_dim, out_dim, vb)?))
+    Linear::new(candle_nn::linear_no_bias(in_dim, out_dim, vb)?)
 }
 
 /// Applies a linear layer to a tensor of any rank ≥ 2 (the last dimension is the feature axis):
 /// the fused kernel on the CPU, candle's `Linear` elsewhere.
 pub fn apply(layer: &Linear, x: &Tensor) -> Result<Tensor> {
-    use crate::kernels::linear::{linear, WeightLayout};
-    if !crate::kernels::fused(x) {
-        return Ok(layer.inner.forward(x)?);
+    if crate::kernels::fused(x) {
+        return crate::kernels::linear::linear(x, &layer.weight, layer.bias.as_ref(), layer.layout);
     }
-    let (weight, bias) = (layer.inner.weight(), layer.inner.bias());
-    let frozen = layer.weight_in_out.get_or_init(|| match weight.is_variable() {
-        true => None,
-        // A failed copy (out of memory) leaves the layer on the `[out, in]` route.
-        false => weight.t().and_then(|w| w.contiguous()).ok(),
-    });
-    match frozen {
-        Some(w) => linear(x, w, bias, WeightLayout::InOut),
-        None => linear(x, weight, bias, WeightLayout::OutIn),
-    }
+    let weight = match layer.layout {
+        WeightLayout::OutIn => layer.weight.clone(),
+        WeightLayout::InOut => layer.weight.t()?,
+    };
+    Ok(candle_nn::Linear::new(weight, layer.bias.clone()).forward(x)?)
 }
 
 #[cfg(test)]
@@ -93,7 +94,7 @@ pub(crate) mod tests {
 
     #[test]
     fn fused_linear_matches_candle() -> Result<()> {
-        use crate::kernels::linear::WeightLayout;
+        use super::WeightLayout;
         use candle_nn::Module;
         fused_matches(
             &[&[2, 7, 24], &[40, 24], &[40]],
