@@ -19,6 +19,8 @@ for round in $(seq 1 "$rounds"); do
   "$PYTHON" tools/bench/peer_diffusers.py "$work/moderate" --threads "$threads" > "$work/peer_step_$round.json"
   RAYON_NUM_THREADS=$threads "$vidit" bench --train --json > "$work/vidit_train_$round.json"
   "$PYTHON" tools/bench/peer_train.py models/shapes --threads "$threads" > "$work/peer_train_$round.json"
+  RAYON_NUM_THREADS=$threads "$vidit" bench --model models/shapes --json > "$work/vidit_builtin_$round.json"
+  "$PYTHON" tools/bench/peer_vae.py models/shapes --threads "$threads" > "$work/peer_vae_$round.json"
 done
 "$PYTHON" - "$work" "$rounds" <<'EOF'
 import json, statistics, sys
@@ -29,6 +31,7 @@ rows = {
     "forward, no CFG (ms)": [(load("vidit_step", r)["denoising_step"]["forward_ms"], load("peer_step", r)["forward_ms"]) for r in range(1, rounds + 1)],
     "peak RSS, step benchmark (MB)": [(load("vidit_step", r)["peak_rss_mb"], load("peer_step", r)["peak_rss_mb"]) for r in range(1, rounds + 1)],
     "training step, built-in config (ms)": [(load("vidit_train", r)["train_step"]["ms"], load("peer_train", r)["ms"]) for r in range(1, rounds + 1)],
+    "VAE decode, built-in model (ms)": [(load("vidit_builtin", r)["vae_decode"]["ms"], load("peer_vae", r)["ms"]) for r in range(1, rounds + 1)],
 }
 peer = load("peer_step", 1)
 print(f"peer: {peer['peer']}; vidit output vs diffusers: max abs diff {peer['max_abs_diff_vs_vidit']:.2e}")
