@@ -10,11 +10,11 @@ Run by hand in the reference virtual environment (tools/parity/requirements.txt)
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 from diffusers import AutoencoderKLWan
+
+from peer_diffusers import median_ms
 
 
 def main():
@@ -36,14 +36,7 @@ def main():
     shape = (1, vae.config.z_dim, (frames - 1) // temporal + 1, generation["height"] // spatial, generation["width"] // spatial)
     latents = torch.randn(shape)
 
-    for _ in range(args.warmup):
-        vae.decode(latents)
-    times = []
-    for _ in range(args.iters):
-        start = time.perf_counter()
-        vae.decode(latents)
-        times.append((time.perf_counter() - start) * 1e3)
-    ms = statistics.median(times)
+    ms = median_ms(lambda: vae.decode(latents), args.warmup, args.iters)
     print(json.dumps({"frames": frames, "ms": ms, "ms_per_frame": ms / frames}))
 
 
