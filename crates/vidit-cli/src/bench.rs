@@ -370,7 +370,7 @@ fn machine() -> Value {
             .and_then(|l| l.split(':').nth(1))
             .map(|v| v.trim().to_string())
     };
-    let threads = candle_core::utils::get_num_threads();
+    let threads = vidit::kernels::num_threads();
     let lanes = f32_lanes();
     let ghz = field("cpu MHz").and_then(|m| m.parse::<f64>().ok()).map(|m| m / 1e3);
     let peak = ghz.map(|ghz| threads as f64 * 2.0 * lanes as f64 * 2.0 * ghz);

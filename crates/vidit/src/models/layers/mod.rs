@@ -7,7 +7,7 @@ pub mod norm;
 
 use crate::kernels::linear::WeightLayout;
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use candle_nn::{Module, VarBuilder};
 
 /// A linear layer over checkpoint weights `[out, in]`, as PyTorch stores them. Frozen f32 weights
@@ -24,8 +24,7 @@ pub struct Linear {
 impl Linear {
     fn new(layer: candle_nn::Linear) -> Result<Self> {
         let (weight, bias) = (layer.weight().clone(), layer.bias().cloned());
-        let frozen_cpu = weight.device().is_cpu() && weight.dtype() == DType::F32 && !weight.is_variable();
-        Ok(match frozen_cpu {
+        Ok(match crate::kernels::fused(&weight) && !weight.is_variable() {
             true => Self { weight: weight.t()?.contiguous()?, layout: WeightLayout::InOut, bias },
             false => Self { weight, layout: WeightLayout::OutIn, bias },
         })
