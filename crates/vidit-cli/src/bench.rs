@@ -183,18 +183,17 @@ fn training_step(batch_size: usize, warmup: usize, iters: usize, device: &Device
         batch_size,
         max_sequence_length: generation.max_sequence_length,
         caption_dropout: 0.1,
+        foreground_weight: 1.0,
         pool_size: 256,
         pool_seed: 0,
     };
     let frames = (builtin::FRAMES - 1) / vae.temporal_factor() + 1;
     let (h, w) = (builtin::HEIGHT / vae.spatial_factor(), builtin::WIDTH / vae.spatial_factor());
     let combos = Combination::all(Split::Train);
-    let pool = LatentPool {
-        latents: vidit::noise::randn(5, &[setup.pool_size, vae.z_dim, frames, h, w], device)?,
-        captions: (0..setup.pool_size).map(|i| combos[i % combos.len()].caption()).collect(),
-        mean: vec![0.0; vae.z_dim],
-        std: vec![1.0; vae.z_dim],
-    };
+    let pool = LatentPool::from_latents(
+        &vidit::noise::randn(5, &[setup.pool_size, vae.z_dim, frames, h, w], device)?,
+        (0..setup.pool_size).map(|i| combos[i % combos.len()].caption()).collect(),
+    )?;
     let dir = tempfile::tempdir()?;
     let run = RunDir { root: dir.path().to_path_buf() };
     let options = TrainOptions { steps: warmup + iters, checkpoint_every: usize::MAX, ..Default::default() };

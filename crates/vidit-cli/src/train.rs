@@ -215,10 +215,20 @@ pub struct TrainArgs {
     /// Probability of an empty caption (classifier-free guidance).
     #[arg(long, default_value_t = 0.1)]
     caption_dropout: f64,
+    /// Loss weight of the latent positions that stand out from their frame (the moving object on a
+    /// plain background) against 1 for the rest.
+    #[arg(long, default_value_t = 1.0)]
+    foreground_weight: f64,
 }
 
 pub fn run_dit(args: TrainArgs) -> Result<()> {
     let options = args.common.options(1e-3)?;
+    if !(args.foreground_weight.is_finite() && args.foreground_weight > 0.0) {
+        return Err(input_error(format!(
+            "--foreground-weight {}: must be a positive number",
+            args.foreground_weight
+        )));
+    }
     let run = args.common.run_dir()?;
     let device = Device::Cpu;
     let vae_config: WanVaeConfig = load_config(&args.vae.join("config.json"))?;
@@ -237,6 +247,7 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
         batch_size: args.common.batch_size.unwrap_or(32),
         max_sequence_length: generation.max_sequence_length,
         caption_dropout: args.caption_dropout,
+        foreground_weight: args.foreground_weight,
         pool_size: args.pool,
         pool_seed: args.common.seed ^ 0x5eed,
     };
@@ -246,7 +257,12 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
     }
     let pool = LatentPool::encode(&vae, data.as_ref(), setup.pool_size, setup.pool_seed, &device)?;
     if !args.common.quiet {
-        eprintln!("pool ready ({:.0}s)", started.elapsed().as_secs_f64());
+        let foreground = pool.foreground.mean_all()?.to_scalar::<f32>()?;
+        eprintln!(
+            "pool ready ({:.0}s); foreground: {:.1}% of latent positions",
+            started.elapsed().as_secs_f64(),
+            100.0 * foreground
+        );
     }
     let vae_weights = candle_core::safetensors::load(
         vidit::model_folder::weight_files(&args.vae)?.first().expect("weight_files returns at least one"),

@@ -109,9 +109,10 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
         p(&i2v),
     ]));
 
-    // The DDPM objective trains an ε-prediction model that samples with DDIM (its config) or DDPM.
+    // The DDPM objective (here with the foreground weighted up) trains an ε-prediction model that
+    // samples with DDIM (its config) or DDPM.
     let ddpm_run = dir.path().join("ddpm-run");
-    train_dit(&vae_dir, &ddpm_run, &["--objective", "ddpm"]);
+    train_dit(&vae_dir, &ddpm_run, &["--objective", "ddpm", "--foreground-weight", "3"]);
     let scheduler = std::fs::read_to_string(ddpm_run.join("model/scheduler/scheduler_config.json"))?;
     assert!(scheduler.contains("DDIMScheduler"), "{scheduler}");
     for sampler in ["ddim", "ddpm"] {
@@ -161,6 +162,17 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
         let table = ok(vidit(&[&args[..], &["--mode", mode]].concat()));
         assert!(table.contains("held-out") && table.contains(measure), "{mode}: {table}");
     }
+    let zero_weight = vidit(&[
+        "train",
+        "--vae",
+        p(&vae_dir),
+        "--out",
+        p(&dir.path().join("w0")),
+        "--foreground-weight",
+        "0",
+    ]);
+    assert_eq!(zero_weight.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&zero_weight.stderr).contains("--foreground-weight 0"));
     std::fs::write(&prompts, "a red circle moving sideways\n")?;
     let bad = vidit(&["eval", "--model", p(&model), "--prompts", p(&prompts)]);
     assert_eq!(bad.status.code(), Some(2));

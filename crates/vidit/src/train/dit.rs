@@ -3,7 +3,8 @@
 //! The clips are encoded once into a fixed pool of latents (posterior means), normalised with the
 //! pool's per-channel mean and std (written into the VAE config, as Wan's `latents_mean/std`).
 //! Each step draws a batch from the pool, drops ~10% of captions for classifier-free guidance,
-//! picks a per-frame conditioning (none / first / first+last / first k) and regresses the target.
+//! picks a per-frame conditioning (none / first / first+last / first k) and regresses the target,
+//! optionally weighting the latent positions of the foreground (the moving object) up.
 
 use super::data::{batch, ClipSource};
 use super::objective::{masked_mse, FrameCondition, Objective};
@@ -28,15 +29,26 @@ pub struct DitTraining {
     pub max_sequence_length: usize,
     /// Probability of training on the empty caption (for classifier-free guidance).
     pub caption_dropout: f64,
+    /// Loss weight of the foreground latent positions ([`LatentPool::foreground`]) against 1 for
+    /// the rest.
+    pub foreground_weight: f64,
     /// Clips encoded into the latent pool, and the seed that draws them.
     pub pool_size: usize,
     pub pool_seed: u64,
 }
 
+/// Distance (L2 over channels, in units of the normalised latents) from the pool's typical value
+/// at a position beyond which a clip's latent there counts as foreground.
+pub const FOREGROUND_DISTANCE: f32 = 1.0;
+
 /// The encoded clips.
 pub struct LatentPool {
     /// Normalised latents `(N, C, T, h, w)`.
     pub latents: Tensor,
+    /// `(N, 1, T, h, w)`: 1 where a clip's latent is more than [`FOREGROUND_DISTANCE`] from the
+    /// pool's per-position median, else 0. On a static background (the shapes data: 18% of the
+    /// positions) these are the moving object's, which a uniform loss all but ignores.
+    pub foreground: Tensor,
     pub captions: Vec<String>,
     pub mean: Vec<f64>,
     pub std: Vec<f64>,
@@ -60,7 +72,12 @@ impl LatentPool {
             parts.push(vae.encode(&video)?.mean);
             captions.extend(caps);
         }
-        let raw = Tensor::cat(&parts, 0)?; // (N, C, T, h, w)
+        Self::from_latents(&Tensor::cat(&parts, 0)?, captions)
+    }
+
+    /// A pool of raw latents `(N, C, T, h, w)`: normalised per channel, foreground marked.
+    pub fn from_latents(raw: &Tensor, captions: Vec<String>) -> Result<Self> {
+        let device = raw.device();
         let per_channel = raw.transpose(0, 1)?.flatten_from(1)?; // (C, N·T·h·w)
         let mean_t = per_channel.mean_keepdim(1)?;
         let std_t = per_channel.broadcast_sub(&mean_t)?.sqr()?.mean_keepdim(1)?.sqrt()?;
@@ -71,8 +88,35 @@ impl LatentPool {
         let m = Tensor::from_vec(mean.iter().map(|&v| v as f32).collect(), shape, device)?;
         let s = Tensor::from_vec(std.iter().map(|&v| v as f32).collect(), shape, device)?;
         let latents = raw.broadcast_sub(&m)?.broadcast_div(&s)?;
-        Ok(Self { latents, captions, mean, std })
+        let foreground = foreground_mask(&latents)?;
+        Ok(Self { latents, foreground, captions, mean, std })
     }
+}
+
+/// See [`LatentPool::foreground`].
+fn foreground_mask(latents: &Tensor) -> Result<Tensor> {
+    let (n, c, t, h, w) = latents.dims5()?;
+    let per_clip = c * t * h * w;
+    let data = latents.flatten_all()?.to_vec1::<f32>()?;
+    let mut typical = vec![0f32; per_clip]; // (C, T, h, w)
+    let mut column = vec![0f32; n];
+    for (i, value) in typical.iter_mut().enumerate() {
+        for (k, v) in column.iter_mut().enumerate() {
+            *v = data[k * per_clip + i];
+        }
+        *value = *column.select_nth_unstable_by(n / 2, f32::total_cmp).1;
+    }
+    let positions = t * h * w;
+    let mut mask = vec![0f32; n * positions];
+    for (k, clip_mask) in mask.chunks_mut(positions).enumerate() {
+        for (p, m) in clip_mask.iter_mut().enumerate() {
+            let distance: f32 = (0..c)
+                .map(|ch| (data[k * per_clip + ch * positions + p] - typical[ch * positions + p]).powi(2))
+                .sum();
+            *m = f32::from(distance.sqrt() > FOREGROUND_DISTANCE);
+        }
+    }
+    Ok(Tensor::from_vec(mask, (n, 1, t, h, w), latents.device())?)
 }
 
 /// The trained weights, split by component.
@@ -99,7 +143,8 @@ pub fn train_dit(
     let tokens_per_frame = (h / ph) * (w / pw);
     let loss = |rng: &mut ChaCha8Rng| -> Result<Tensor> {
         let picks: Vec<u32> = (0..setup.batch_size).map(|_| rng.random_range(0..n) as u32).collect();
-        let x0 = pool.latents.index_select(&Tensor::new(picks.as_slice(), device)?, 0)?;
+        let picks_t = Tensor::new(picks.as_slice(), device)?;
+        let x0 = pool.latents.index_select(&picks_t, 0)?;
         let captions: Vec<String> = picks
             .iter()
             .map(|&i| {
@@ -117,7 +162,14 @@ pub fn train_dit(
             (0..setup.batch_size).map(|_| FrameCondition::sample(rng, t)).collect();
         let noised = setup.objective.noise(&x0, &conditions, tokens_per_frame, rng)?;
         let prediction = transformer.forward(&noised.inputs, &noised.timesteps, &context)?;
-        masked_mse(&prediction, &noised.target, &noised.loss_mask)
+        let weight = if setup.foreground_weight == 1.0 {
+            noised.loss_mask
+        } else {
+            let foreground = pool.foreground.index_select(&picks_t, 0)?; // (B, 1, T, h, w)
+            let foreground = foreground.affine(setup.foreground_weight - 1.0, 1.0)?;
+            noised.loss_mask.broadcast_mul(&foreground)?
+        };
+        masked_mse(&prediction, &noised.target, &weight)
     };
     Ok(DitWeights::split(&train(&varmap, options, run, loss, observer)?))
 }
@@ -130,5 +182,27 @@ impl DitWeights {
             weights.iter().filter_map(|(k, v)| Some((k.strip_prefix(&p)?.to_string(), v.clone()))).collect()
         };
         Self { transformer: part("transformer"), text_encoder: part("text_encoder") }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn foreground_is_what_differs_from_the_pool_there() -> Result<()> {
+        // Three 2-channel clips of one 2x2 frame, all at the same background (which varies over
+        // positions), except clip 1 at position 3, off by 2 in channel 0, and clip 2 at position 0,
+        // off by 0.1. Channel 0's std is 0.68, so in normalised units they are 2.9 (beyond the
+        // distance) and 0.15 (within it) away.
+        let background = [0.2f32, -0.4, 0.9, 0.0, 0.5, 0.5, -1.0, 0.3];
+        let mut raw = [background; 3];
+        raw[1][3] += 2.0;
+        raw[2][0] += 0.1;
+        let raw: Vec<f32> = raw.iter().flatten().copied().collect();
+        let pool = LatentPool::from_latents(&Tensor::from_vec(raw, (3, 2, 1, 2, 2), &Device::Cpu)?, vec![])?;
+        let mask: Vec<f32> = pool.foreground.flatten_all()?.to_vec1()?;
+        assert_eq!(mask, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+        Ok(())
     }
 }

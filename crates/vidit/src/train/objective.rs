@@ -139,7 +139,7 @@ fn rand_distr_normal(rng: &mut ChaCha8Rng) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
-/// Mean squared error over the positions where `mask` (broadcastable) is 1.
+/// Mean squared error weighted by `mask` (broadcastable; 0 leaves a position out).
 pub fn masked_mse(prediction: &Tensor, target: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let diff = (prediction - target)?.sqr()?.broadcast_mul(mask)?;
     let count = mask.broadcast_as(prediction.shape())?.sum_all()?.to_dtype(DType::F32)?;
