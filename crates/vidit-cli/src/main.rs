@@ -37,7 +37,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    vidit::kernels::pin_thread_count();
+    vidit::kernels::configure_threads();
     let cli = Cli::parse();
     // Ctrl-C during training: finish the step, write a checkpoint, exit (status 130).
     let _ = ctrlc::set_handler(|| {

@@ -25,7 +25,7 @@ fn median_ms(f: impl Fn() -> Result<Tensor>) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    vidit::kernels::pin_thread_count();
+    vidit::kernels::configure_threads();
     println!("threads: {}", vidit::kernels::num_threads());
     // (rows, out, in): attention projections, feed-forward in and out; one sample and a CFG pair.
     for (rows, out_dim, in_dim) in
