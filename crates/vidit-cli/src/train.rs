@@ -215,8 +215,8 @@ pub struct TrainArgs {
     /// Probability of an empty caption (classifier-free guidance).
     #[arg(long, default_value_t = 0.1)]
     caption_dropout: f64,
-    /// Loss weight of the latent positions that stand out from their frame (the moving object on a
-    /// plain background) against 1 for the rest.
+    /// Loss weight of the latent positions that differ from the pool's median there (the moving
+    /// object on a static background) against 1 for the rest.
     #[arg(long, default_value_t = 1.0)]
     foreground_weight: f64,
 }
