@@ -13,7 +13,7 @@ use vidit::error::input_error;
 use vidit::pipelines::extend::extend;
 use vidit::pipelines::{Keyframes, TextToVideo, VideoToVideo, WanModel};
 use vidit::schedulers::from_config_file;
-use vidit::train::data::shapes::{analyze, centroids, render, Combination, Motion, Split, COLORS};
+use vidit::train::data::shapes::{analyze, centroids, render, Combination, Motion, Split, COLORS, SHAPES};
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
 pub enum Mode {
@@ -66,11 +66,15 @@ struct Score {
     all: usize,
     /// The mode's own measure, summed over clips (PSNR of frame 0, centroid error, seam ratio).
     measure: f64,
+    /// Clips by prompted shape (rows) and the shape read off the pixels (columns; the last: no
+    /// shape found).
+    shapes: [[usize; SHAPES.len() + 1]; SHAPES.len()],
 }
 
 impl Score {
     fn add(&mut self, expected: Combination, got: Option<Combination>) {
         self.clips += 1;
+        self.shapes[expected.shape][got.map_or(SHAPES.len(), |g| g.shape)] += 1;
         if let Some(got) = got {
             let (c, s, d) = (
                 got.color == expected.color,
@@ -98,6 +102,16 @@ impl Score {
             row += &format!("   {what}: {:.2}", self.measure / self.clips.max(1) as f64);
         }
         row
+    }
+
+    /// Where the shapes go wrong: for each prompted shape, what the analyzer read.
+    fn shape_confusion(&self, name: &str) -> String {
+        let mut lines = format!("{name}: prompted shape -> read as {}, none", SHAPES.join(", "));
+        for (shape, reads) in SHAPES.iter().zip(&self.shapes) {
+            let counts: Vec<String> = reads.iter().map(|k| k.to_string()).collect();
+            lines += &format!("\n  {shape:<9} {}", counts.join(", "));
+        }
+        lines
     }
 }
 
@@ -254,6 +268,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
     for (score, name) in scores.iter().zip(["seen", "held-out"]) {
         if score.clips > 0 {
             println!("{}", score.row(name, args.mode));
+        }
+    }
+    for (score, name) in scores.iter().zip(["seen", "held-out"]) {
+        if score.clips > 0 {
+            println!("{}", score.shape_confusion(name));
         }
     }
     eprintln!("{} clips in {:.0}s", scores[0].clips + scores[1].clips, started.elapsed().as_secs_f64());

@@ -1,8 +1,11 @@
 //! Reconstruction quality of a trained VAE on the shapes dataset: mean PSNR over clips, how often
 //! the eval analyzer still reads all three attributes off the reconstruction (an upper bound for
 //! `vidit eval`), and a PNG strip (input | reconstruction, first and last frame) to look at.
+//! With NOISE, Gaussian noise of that many latent standard deviations (the config's
+//! `latents_std`, per channel) is added to the encoded latents before decoding: how robust the
+//! decoder is to the small errors a DiT's latents carry.
 //!
-//!     cargo run --release -p vidit --example vae_reconstruction -- RUN/vae [CLIPS] [OUT_DIR/]
+//!     cargo run --release -p vidit --example vae_reconstruction -- RUN/vae [CLIPS] [OUT_DIR/] [NOISE]
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -17,7 +20,8 @@ fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let dir = PathBuf::from(args.next().expect("usage: vae_reconstruction VAE_DIR [CLIPS] [OUT_DIR/]"));
     let clips: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(16);
-    let out = args.next();
+    let out = args.next().filter(|o| !o.is_empty());
+    let noise: f64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(0.0);
     let device = Device::Cpu;
     let vae = AutoencoderKLWan::new(
         load_config(&dir.join("config.json"))?,
@@ -26,10 +30,18 @@ fn main() -> Result<()> {
     let data = ShapesDataset::new(Split::All, builtin::WIDTH, builtin::HEIGHT, builtin::FRAMES)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12345);
     let (mut total, mut readable, mut rows) = (0f64, [0usize; 4], Vec::new());
+    let z_dim = vae.config.z_dim;
+    let std = Tensor::from_vec(
+        vae.config.latents_std.iter().map(|s| (s * noise) as f32).collect(),
+        (1, z_dim, 1, 1, 1),
+        &device,
+    )?;
     for i in 0..clips {
         let (clip, combo) = data.sample(&mut rng, &device)?; // (F, 3, H, W)
         let x = clip.permute((1, 0, 2, 3))?.affine(2.0, -1.0)?.unsqueeze(0)?;
-        let recon = vae.decode(&vae.encode(&x)?.mean)?.squeeze(0)?.permute((1, 0, 2, 3))?.affine(0.5, 0.5)?;
+        let z = vae.encode(&x)?.mean; // (1, C, T, h, w)
+        let z = (&z + vidit::noise::randn(i as u64, z.dims(), &device)?.broadcast_mul(&std)?)?;
+        let recon = vae.decode(&z)?.squeeze(0)?.permute((1, 0, 2, 3))?.affine(0.5, 0.5)?;
         let mse = (&recon - &clip)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
         total += -10.0 * mse.max(1e-10).log10();
         if let Some(got) = analyze(&recon)?.map(|a| a.combination) {
