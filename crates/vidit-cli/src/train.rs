@@ -257,12 +257,11 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
     }
     let pool = LatentPool::encode(&vae, data.as_ref(), setup.pool_size, setup.pool_seed, &device)?;
     if !args.common.quiet {
-        let foreground = pool.foreground.mean_all()?.to_scalar::<f32>()?;
-        eprintln!(
-            "pool ready ({:.0}s); foreground: {:.1}% of latent positions",
-            started.elapsed().as_secs_f64(),
-            100.0 * foreground
-        );
+        eprintln!("pool ready ({:.0}s)", started.elapsed().as_secs_f64());
+        if setup.foreground_weight != 1.0 {
+            let foreground = pool.foreground()?.mean_all()?.to_scalar::<f32>()?;
+            eprintln!("foreground: {:.1}% of latent positions", 100.0 * foreground);
+        }
     }
     let vae_weights = candle_core::safetensors::load(
         vidit::model_folder::weight_files(&args.vae)?.first().expect("weight_files returns at least one"),

@@ -38,17 +38,13 @@ pub struct DitTraining {
 }
 
 /// Distance (L2 over channels, in units of the normalised latents) from the pool's typical value
-/// at a position beyond which a clip's latent there counts as foreground.
+/// at a position beyond which a clip's latent there counts as foreground ([`LatentPool::foreground`]).
 pub const FOREGROUND_DISTANCE: f32 = 1.0;
 
 /// The encoded clips.
 pub struct LatentPool {
     /// Normalised latents `(N, C, T, h, w)`.
     pub latents: Tensor,
-    /// `(N, 1, T, h, w)`: 1 where a clip's latent is more than [`FOREGROUND_DISTANCE`] from the
-    /// pool's per-position median, else 0. On a static background (the shapes data: 18% of the
-    /// positions) these are the moving object's, which a uniform loss all but ignores.
-    pub foreground: Tensor,
     pub captions: Vec<String>,
     pub mean: Vec<f64>,
     pub std: Vec<f64>,
@@ -75,7 +71,7 @@ impl LatentPool {
         Self::from_latents(&Tensor::cat(&parts, 0)?, captions)
     }
 
-    /// A pool of raw latents `(N, C, T, h, w)`: normalised per channel, foreground marked.
+    /// A pool of raw latents `(N, C, T, h, w)`, normalised per channel.
     pub fn from_latents(raw: &Tensor, captions: Vec<String>) -> Result<Self> {
         let device = raw.device();
         let per_channel = raw.transpose(0, 1)?.flatten_from(1)?; // (C, N·T·h·w)
@@ -88,35 +84,36 @@ impl LatentPool {
         let m = Tensor::from_vec(mean.iter().map(|&v| v as f32).collect(), shape, device)?;
         let s = Tensor::from_vec(std.iter().map(|&v| v as f32).collect(), shape, device)?;
         let latents = raw.broadcast_sub(&m)?.broadcast_div(&s)?;
-        let foreground = foreground_mask(&latents)?;
-        Ok(Self { latents, foreground, captions, mean, std })
+        Ok(Self { latents, captions, mean, std })
     }
-}
 
-/// See [`LatentPool::foreground`].
-fn foreground_mask(latents: &Tensor) -> Result<Tensor> {
-    let (n, c, t, h, w) = latents.dims5()?;
-    let per_clip = c * t * h * w;
-    let data = latents.flatten_all()?.to_vec1::<f32>()?;
-    let mut typical = vec![0f32; per_clip]; // (C, T, h, w)
-    let mut column = vec![0f32; n];
-    for (i, value) in typical.iter_mut().enumerate() {
-        for (k, v) in column.iter_mut().enumerate() {
-            *v = data[k * per_clip + i];
+    /// `(N, 1, T, h, w)`: 1 where a clip's latent is more than [`FOREGROUND_DISTANCE`] from the
+    /// pool's per-position median, else 0. On a static background (the shapes data: 18% of the
+    /// positions) these are the moving object's, which a uniform loss all but ignores.
+    pub fn foreground(&self) -> Result<Tensor> {
+        let (n, c, t, h, w) = self.latents.dims5()?;
+        let per_clip = c * t * h * w;
+        let data = self.latents.flatten_all()?.to_vec1::<f32>()?;
+        let mut typical = vec![0f32; per_clip]; // (C, T, h, w)
+        let mut column = vec![0f32; n];
+        for (i, value) in typical.iter_mut().enumerate() {
+            for (k, v) in column.iter_mut().enumerate() {
+                *v = data[k * per_clip + i];
+            }
+            *value = *column.select_nth_unstable_by(n / 2, f32::total_cmp).1;
         }
-        *value = *column.select_nth_unstable_by(n / 2, f32::total_cmp).1;
-    }
-    let positions = t * h * w;
-    let mut mask = vec![0f32; n * positions];
-    for (k, clip_mask) in mask.chunks_mut(positions).enumerate() {
-        for (p, m) in clip_mask.iter_mut().enumerate() {
-            let distance: f32 = (0..c)
-                .map(|ch| (data[k * per_clip + ch * positions + p] - typical[ch * positions + p]).powi(2))
-                .sum();
-            *m = f32::from(distance.sqrt() > FOREGROUND_DISTANCE);
+        let positions = t * h * w;
+        let mut mask = vec![0f32; n * positions];
+        for (k, clip_mask) in mask.chunks_mut(positions).enumerate() {
+            for (p, m) in clip_mask.iter_mut().enumerate() {
+                let distance: f32 = (0..c)
+                    .map(|ch| (data[k * per_clip + ch * positions + p] - typical[ch * positions + p]).powi(2))
+                    .sum();
+                *m = f32::from(distance.sqrt() > FOREGROUND_DISTANCE);
+            }
         }
+        Ok(Tensor::from_vec(mask, (n, 1, t, h, w), self.latents.device())?)
     }
-    Ok(Tensor::from_vec(mask, (n, 1, t, h, w), latents.device())?)
 }
 
 /// The trained weights, split by component.
@@ -141,6 +138,12 @@ pub fn train_dit(
     let (n, _, t, h, w) = pool.latents.dims5()?;
     let [_, ph, pw] = setup.transformer.patch_size;
     let tokens_per_frame = (h / ph) * (w / pw);
+    // Loss weights per position, 1 + (weight − 1) · foreground: `(N, 1, T, h, w)`.
+    let position_weight = if setup.foreground_weight == 1.0 {
+        None
+    } else {
+        Some(pool.foreground()?.affine(setup.foreground_weight - 1.0, 1.0)?)
+    };
     let loss = |rng: &mut ChaCha8Rng| -> Result<Tensor> {
         let picks: Vec<u32> = (0..setup.batch_size).map(|_| rng.random_range(0..n) as u32).collect();
         let picks_t = Tensor::new(picks.as_slice(), device)?;
@@ -162,12 +165,9 @@ pub fn train_dit(
             (0..setup.batch_size).map(|_| FrameCondition::sample(rng, t)).collect();
         let noised = setup.objective.noise(&x0, &conditions, tokens_per_frame, rng)?;
         let prediction = transformer.forward(&noised.inputs, &noised.timesteps, &context)?;
-        let weight = if setup.foreground_weight == 1.0 {
-            noised.loss_mask
-        } else {
-            let foreground = pool.foreground.index_select(&picks_t, 0)?; // (B, 1, T, h, w)
-            let foreground = foreground.affine(setup.foreground_weight - 1.0, 1.0)?;
-            noised.loss_mask.broadcast_mul(&foreground)?
+        let weight = match &position_weight {
+            None => noised.loss_mask,
+            Some(w) => noised.loss_mask.broadcast_mul(&w.index_select(&picks_t, 0)?)?, // (B, 1, T, h, w)
         };
         masked_mse(&prediction, &noised.target, &weight)
     };
@@ -201,7 +201,7 @@ mod tests {
         raw[2][0] += 0.1;
         let raw: Vec<f32> = raw.iter().flatten().copied().collect();
         let pool = LatentPool::from_latents(&Tensor::from_vec(raw, (3, 2, 1, 2, 2), &Device::Cpu)?, vec![])?;
-        let mask: Vec<f32> = pool.foreground.flatten_all()?.to_vec1()?;
+        let mask: Vec<f32> = pool.foreground()?.flatten_all()?.to_vec1()?;
         assert_eq!(mask, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
         Ok(())
     }
