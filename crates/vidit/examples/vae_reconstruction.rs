@@ -3,7 +3,7 @@
 //! `vidit eval`), and a PNG strip (input | reconstruction, first and last frame) to look at.
 //! With NOISE, Gaussian noise of that many latent standard deviations (the config's
 //! `latents_std`, per channel) is added to the encoded latents before decoding: how robust the
-//! decoder is to the small errors a DiT's latents carry.
+//! decoder is to the small errors a DiT's latents carry (OUT_DIR "" writes no strip).
 //!
 //!     cargo run --release -p vidit --example vae_reconstruction -- RUN/vae [CLIPS] [OUT_DIR/] [NOISE]
 
@@ -18,7 +18,9 @@ use vidit::train::data::shapes::{analyze, ShapesDataset, Split};
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let dir = PathBuf::from(args.next().expect("usage: vae_reconstruction VAE_DIR [CLIPS] [OUT_DIR/]"));
+    let dir = PathBuf::from(
+        args.next().expect("usage: vae_reconstruction VAE_DIR [CLIPS] [OUT_DIR/ or \"\"] [NOISE]"),
+    );
     let clips: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(16);
     let out = args.next().filter(|o| !o.is_empty());
     let noise: f64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(0.0);
