@@ -32,17 +32,15 @@ fn main() -> Result<()> {
     let data = ShapesDataset::new(Split::All, builtin::WIDTH, builtin::HEIGHT, builtin::FRAMES)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12345);
     let (mut total, mut readable, mut rows) = (0f64, [0usize; 4], Vec::new());
-    let z_dim = vae.config.z_dim;
-    let std = Tensor::from_vec(
-        vae.config.latents_std.iter().map(|s| (s * noise) as f32).collect(),
-        (1, z_dim, 1, 1, 1),
-        &device,
-    )?;
     for i in 0..clips {
         let (clip, combo) = data.sample(&mut rng, &device)?; // (F, 3, H, W)
         let x = clip.permute((1, 0, 2, 3))?.affine(2.0, -1.0)?.unsqueeze(0)?;
-        let z = vae.encode(&x)?.mean; // (1, C, T, h, w)
-        let z = (&z + vidit::noise::randn(i as u64, z.dims(), &device)?.broadcast_mul(&std)?)?;
+        let mut z = vae.encode(&x)?.mean; // (1, C, T, h, w)
+        if noise > 0.0 {
+            // In the normalised units the DiT works in: z + noise · std · ε.
+            let eps = (vidit::noise::randn(i as u64, z.dims(), &device)? * noise)?;
+            z = vae.denormalize(&(vae.normalize(&z)? + eps)?)?;
+        }
         let recon = vae.decode(&z)?.squeeze(0)?.permute((1, 0, 2, 3))?.affine(0.5, 0.5)?;
         let mse = (&recon - &clip)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
         total += -10.0 * mse.max(1e-10).log10();
