@@ -1,39 +1,59 @@
 //! 3-D (and 2-D) convolution forward, and the kernel gradient of the 2-D convolution training
 //! folds the 3-D one into. Forward: spatial stride s, temporal stride s_t, symmetric zero
-//! padding in height and width applied on the fly: per (sample, output frame, band of output
-//! rows), the band's input patches are gathered into one column matrix (never a padded copy of the
-//! clip, never the whole clip's columns) and multiplied by the `(O, C·kt·kh·kw)` kernel matrix
-//! straight into the output, which starts as the bias. Bands are spread over the threads.
+//! padding in height and width and the causal frames in front in time (zeros, then the previous
+//! chunk's cached frames) applied on the fly: per (sample, output frame, band of output rows),
+//! the band's input patches are gathered from wherever each frame lives into one column matrix
+//! (never a padded or concatenated copy of the clip, never the whole clip's columns) and
+//! multiplied by the `(O, C·kt·kh·kw)` kernel matrix straight into the output, which starts as the
+//! bias. Bands are spread over the threads.
 
 use super::{as_slice, matmul, SharedMut};
 use anyhow::{bail, Result};
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Columns of one band, in elements (about 1 MB).
 const BAND_ELEMENTS: usize = 256 * 1024;
 
-/// `x (B, C, T, H, W)` ⊛ `weight (O, C, kt, kh, kw)` + `bias (O,)`, no temporal padding (the
-/// caller puts causal padding in front), `pad = (ph, pw)` zeros around each frame.
+/// The frames a causal convolution sees in front of its input: `zeros` frames of zeros, then the
+/// `cache` frames `(B, C, Tc, H, W)` (the end of the previous chunk).
+#[derive(Clone, Copy, Default)]
+pub struct Front<'a> {
+    pub zeros: usize,
+    pub cache: Option<&'a Tensor>,
+}
+
+/// `[front.zeros zero frames, front.cache, x (B, C, T, H, W)]` along time ⊛
+/// `weight (O, C, kt, kh, kw)` + `bias (O,)`, `pad = (ph, pw)` zeros around each frame.
 pub fn conv3d(
     x: &Tensor,
+    front: Front,
     weight: &Tensor,
     bias: &Tensor,
     stride_t: usize,
     pad: (usize, usize),
 ) -> Result<Tensor> {
-    let (_, c, t, _, _) = x.dims5()?;
+    let (b, c, t, h, w) = x.dims5()?;
     let (o, wc, kt, _, _) = weight.dims5()?;
-    if wc != c || bias.dims() != [o] || t < kt || stride_t == 0 {
+    let cache = front.cache.map(|cache| cache.contiguous()).transpose()?;
+    let cached = match &cache {
+        Some(cache) => match cache.dims5()? {
+            (cb, cc, tc, ch, cw) if (cb, cc, ch, cw) == (b, c, h, w) => tc,
+            _ => bail!("conv3d: cache {:?} does not match input {:?}", cache.dims(), x.dims()),
+        },
+        None => 0,
+    };
+    if wc != c || bias.dims() != [o] || front.zeros + cached + t < kt || stride_t == 0 {
         bail!(
-            "conv3d: input {:?}, weight {:?}, bias {:?}, stride {stride_t}",
+            "conv3d: input {:?} after {} + {cached} frames, weight {:?}, bias {:?}, stride {stride_t}",
             x.dims(),
+            front.zeros,
             weight.dims(),
             bias.dims()
         );
     }
-    let op = Conv3d { stride_t, stride: 1, pad };
+    let op = Conv3d { stride_t, stride: 1, pad, front_zeros: front.zeros, cache };
     Ok(x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)?)
 }
 
@@ -157,7 +177,7 @@ pub fn conv2d(
             &zeros
         }
     };
-    let op = Conv3d { stride_t: 1, stride, pad: (padding, padding) };
+    let op = Conv3d { stride_t: 1, stride, pad: (padding, padding), front_zeros: 0, cache: None };
     let y = x.reshape((b, c, 1, h, w))?.contiguous()?.apply_op3_no_bwd(
         &weight.reshape((o, c, 1, kh, kw))?.contiguous()?,
         &bias.contiguous()?,
@@ -171,6 +191,10 @@ struct Conv3d {
     /// Spatial stride (height and width).
     stride: usize,
     pad: (usize, usize),
+    /// Zero frames in front of the cache.
+    front_zeros: usize,
+    /// Contiguous frames in front of the input, `(B, C, Tc, H, W)`.
+    cache: Option<Tensor>,
 }
 
 impl CustomOp3 for Conv3d {
@@ -190,13 +214,32 @@ impl CustomOp3 for Conv3d {
         let (x, w, bias) = (as_slice(xs, xl)?, as_slice(ws, wl)?, as_slice(bs, bl)?);
         let (b, c, t, h, wi) = xl.shape().dims5()?;
         let (o, _, kt, kh, kw) = wl.shape().dims5()?;
+        let cache_storage = self.cache.as_ref().map(|cache| cache.storage_and_layout());
+        let (cache, cached) = match &cache_storage {
+            Some((storage, layout)) => match &**storage {
+                Storage::Cpu(cpu) => (as_slice(cpu, layout)?, layout.shape().dims()[2]),
+                _ => candle_core::bail!("conv3d: the cache is not on the CPU"),
+            },
+            None => (&[][..], 0),
+        };
+        let (zeros, front) = (vec![0f32; h * wi], self.front_zeros);
+        // Input frame `tv` of the virtual clip [zeros, cache, x] for channel `ci` of `sample`.
+        let frame = |sample: usize, ci: usize, tv: usize| -> &[f32] {
+            let (offset, frames, src) = match tv {
+                _ if tv < front => return &zeros,
+                _ if tv < front + cached => (tv - front, cached, cache),
+                _ => (tv - front - cached, t, x),
+            };
+            &src[((sample * c + ci) * frames + offset) * h * wi..][..h * wi]
+        };
+        let t_in = front + cached + t;
         let (ph, pw) = self.pad;
-        if h + 2 * ph < kh || wi + 2 * pw < kw {
-            candle_core::bail!("conv3d: kernel {kh}x{kw} larger than the padded frame");
+        if h + 2 * ph < kh || wi + 2 * pw < kw || t_in < kt {
+            candle_core::bail!("conv3d: kernel {kt}x{kh}x{kw} larger than the padded clip");
         }
         let ss = self.stride;
         let (t_out, h_out, w_out) =
-            ((t - kt) / self.stride_t + 1, (h + 2 * ph - kh) / ss + 1, (wi + 2 * pw - kw) / ss + 1);
+            ((t_in - kt) / self.stride_t + 1, (h + 2 * ph - kh) / ss + 1, (wi + 2 * pw - kw) / ss + 1);
         let k = c * kt * kh * kw;
         let band = (BAND_ELEMENTS / (k * w_out)).clamp(1, h_out);
         let bands = h_out.div_ceil(band);
@@ -206,22 +249,19 @@ impl CustomOp3 for Conv3d {
         (0..b * t_out * bands).into_par_iter().for_each_init(
             || vec![0f32; k * band * w_out],
             |cols, task| {
-                let (sample, frame, band_index) =
+                let (sample, out_frame, band_index) =
                     (task / (t_out * bands), (task / bands) % t_out, task % bands);
                 let first_row = band_index * band;
                 let rows = band.min(h_out - first_row);
                 let n = rows * w_out;
-                // Planes in (ci, a) order: input channel ci at frame frame·s + a.
-                let planes = (0..c * kt).map(|p| {
-                    let (ci, a) = (p / kt, p % kt);
-                    &x[((sample * c + ci) * t + frame * self.stride_t + a) * h * wi..][..h * wi]
-                });
+                // Planes in (ci, a) order: input channel ci at virtual frame out_frame·s_t + a.
+                let planes = (0..c * kt).map(|p| frame(sample, p / kt, out_frame * self.stride_t + p % kt));
                 let frame_dims = Patches { h, w: wi, kh, kw, pad: (ph, pw), stride: ss, w_out };
                 gather(planes, frame_dims, first_row, rows, cols);
                 // SAFETY: this task alone writes rows [first_row, first_row + rows) of output frame
-                // `frame` of `sample`, for every output channel.
+                // `out_frame` of `sample`, for every output channel.
                 unsafe {
-                    let base = { dst }.0.add((sample * o * t_out + frame) * plane + first_row * w_out);
+                    let base = { dst }.0.add((sample * o * t_out + out_frame) * plane + first_row * w_out);
                     let channel_stride = (t_out * plane) as isize;
                     for (oc, &bv) in bias.iter().enumerate() {
                         std::slice::from_raw_parts_mut(base.offset(oc as isize * channel_stride), n).fill(bv);

@@ -4,6 +4,7 @@
 //! `kt` temporal taps are folded into the channel axis, so one conv2d computes every tap at once.
 
 use super::conv2d::conv2d;
+use crate::kernels::conv3d::Front;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 use candle_nn::init::{DEFAULT_KAIMING_UNIFORM, ZERO};
@@ -42,30 +43,33 @@ impl CausalConv3d {
 
     /// `cache` holds the last frames of the previous chunk's input; they replace front padding.
     pub fn forward(&self, x: &Tensor, cache: Option<&Tensor>) -> Result<Tensor> {
-        let mut x = x.clone();
-        let mut pad_front = self.pad_t;
-        if let Some(cache) = cache.filter(|_| self.pad_t > 0) {
-            x = Tensor::cat(&[cache, &x], 2)?;
-            pad_front = pad_front.saturating_sub(cache.dim(2)?);
+        let cache = cache.filter(|_| self.pad_t > 0);
+        let pad_front = self.pad_t.saturating_sub(cache.map(|c| c.dim(2)).transpose()?.unwrap_or(0));
+        // Inference on the CPU: the direct kernel, which reads the padding and the cache in place.
+        // Training keeps the conv2d route (its backward) over a concatenated, padded copy.
+        if crate::kernels::fused(x) && !(x.track_op() || self.weight.track_op()) {
+            let (o, c, kh, kw) = self.weight.dims4()?;
+            let weight = self.weight.reshape((o, c / self.kt, self.kt, kh, kw))?;
+            let front = Front { zeros: pad_front, cache };
+            return crate::kernels::conv3d::conv3d(
+                x,
+                front,
+                &weight,
+                &self.bias,
+                self.stride_t,
+                (self.pad_h, self.pad_w),
+            );
         }
+        let mut x = match cache {
+            Some(cache) => Tensor::cat(&[cache, x], 2)?,
+            None => x.clone(),
+        };
         if pad_front > 0 {
             x = x.pad_with_zeros(2, pad_front, 0)?;
         }
         let (b, c, t, h, w) = x.dims5()?;
         if t < self.kt {
             bail!("causal conv3d: {t} frames are fewer than the kernel's {}", self.kt);
-        }
-        // Inference on the CPU: the direct kernel. Training keeps the conv2d route (its backward).
-        if crate::kernels::fused(&x) && !(x.track_op() || self.weight.track_op()) {
-            let (o, _, kh, kw) = self.weight.dims4()?;
-            let weight = self.weight.reshape((o, c, self.kt, kh, kw))?;
-            return crate::kernels::conv3d::conv3d(
-                &x,
-                &weight,
-                &self.bias,
-                self.stride_t,
-                (self.pad_h, self.pad_w),
-            );
         }
         let t_out = (t - self.kt) / self.stride_t + 1;
         // Gather the kt frame taps of every output frame: (B, C, kt, T_out, H, W).
@@ -196,7 +200,8 @@ mod tests {
 
     #[test]
     fn cache_replaces_front_padding() -> Result<()> {
-        // Running a clip in chunks with a 2-frame cache equals running it whole.
+        // Running a clip in chunks with a cache of its last frames (one frame, then two: the
+        // kernel puts one and no zero frames in front) equals running it whole, on both routes.
         let dev = Device::Cpu;
         let vb = VarBuilder::from_tensors(
             HashMap::from([
@@ -207,13 +212,21 @@ mod tests {
             &dev,
         );
         let conv = CausalConv3d::new(2, 2, (3, 3, 3), 1, (1, 1, 1), vb)?;
-        let x = crate::noise::randn(6, &[1, 2, 5, 4, 4], &dev)?;
-        let whole = conv.forward(&x, None)?;
-        let first = conv.forward(&x.narrow(2, 0, 1)?, None)?;
-        let rest = conv.forward(&x.narrow(2, 1, 4)?, Some(&x.narrow(2, 0, 1)?))?;
-        let chunked = Tensor::cat(&[first, rest], 2)?;
-        let err = (whole - chunked)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(err < 1e-5, "{err}");
+        let x = crate::noise::randn(6, &[2, 2, 5, 4, 4], &dev)?;
+        let tracked = candle_core::Var::from_tensor(&x)?;
+        for (route, x) in [("kernel", &x), ("autograd", tracked.as_tensor())] {
+            let whole = conv.forward(x, None)?;
+            let chunked = Tensor::cat(
+                &[
+                    conv.forward(&x.narrow(2, 0, 1)?, None)?,
+                    conv.forward(&x.narrow(2, 1, 2)?, Some(&x.narrow(2, 0, 1)?))?,
+                    conv.forward(&x.narrow(2, 3, 2)?, Some(&x.narrow(2, 1, 2)?))?,
+                ],
+                2,
+            )?;
+            let err = (whole - chunked)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 1e-5, "{route}: {err}");
+        }
         Ok(())
     }
 }
