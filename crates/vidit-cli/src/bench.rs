@@ -179,13 +179,14 @@ fn training_step(batch_size: usize, warmup: usize, iters: usize, device: &Device
     let setup = DitTraining {
         transformer: builtin::transformer_config(vae.z_dim, 64),
         text_encoder: builtin::text_encoder_config(tokenizer.get_vocab_size(true)),
-        objective: Objective::FlowMatching { shift: 3.0 },
+        objective: Objective::FlowMatching { shift: 3.0, uniform: 0.0 },
         batch_size,
         max_sequence_length: generation.max_sequence_length,
         caption_dropout: 0.1,
         foreground_weight: 1.0,
         pool_size: 256,
         pool_seed: 0,
+        init: None,
     };
     let frames = (builtin::FRAMES - 1) / vae.temporal_factor() + 1;
     let (h, w) = (builtin::HEIGHT / vae.spatial_factor(), builtin::WIDTH / vae.spatial_factor());

@@ -8,10 +8,12 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::path::PathBuf;
+use tokenizers::Tokenizer;
 use vidit::error::input_error;
 use vidit::io::video::write_video;
 use vidit::model_folder::{load_config, MappedWeights};
 use vidit::models::wan_vae::{AutoencoderKLWan, WanVaeConfig};
+use vidit::pipelines::wan::WanConfigs;
 use vidit::pipelines::{TextToVideo, WanModel};
 use vidit::schedulers::from_config_file;
 use vidit::train::builtin;
@@ -201,8 +203,13 @@ pub struct TrainArgs {
     #[command(flatten)]
     common: CommonArgs,
     /// The trained VAE component folder (from `vidit train-vae`: RUN/vae).
-    #[arg(long)]
-    vae: PathBuf,
+    #[arg(long, required_unless_present = "init")]
+    vae: Option<PathBuf>,
+    /// Fine-tune this model folder (vidit's layout, e.g. models/shapes) instead of training a new
+    /// DiT: its transformer and text encoder are the starting weights, and its VAE, tokenizer,
+    /// configs and latent statistics are kept.
+    #[arg(long, conflicts_with = "vae")]
+    init: Option<PathBuf>,
     /// Clips encoded once into the training pool of latents.
     #[arg(long, default_value_t = 2048)]
     pool: usize,
@@ -212,6 +219,10 @@ pub struct TrainArgs {
     /// Flow shift of the timestep sampling (and of the sampler written with the model).
     #[arg(long, default_value_t = 3.0)]
     shift: f64,
+    /// Share of flow-matching timesteps drawn uniformly on (0, 1) instead of from the shifted
+    /// logit-normal, which all but skips the low noise levels.
+    #[arg(long, default_value_t = 0.0)]
+    timestep_uniform: f64,
     /// Probability of an empty caption (classifier-free guidance).
     #[arg(long, default_value_t = 0.1)]
     caption_dropout: f64,
@@ -219,6 +230,46 @@ pub struct TrainArgs {
     /// object on a static background) against 1 for the rest.
     #[arg(long, default_value_t = 1.0)]
     foreground_weight: f64,
+}
+
+/// What `vidit train` starts from: a VAE alone (a new DiT), or a whole model folder (`--init`).
+struct Start {
+    vae_dir: PathBuf,
+    vae_config: WanVaeConfig,
+    /// The folder's configs, tokenizer and weights when fine-tuning.
+    init: Option<(WanConfigs, Tokenizer, DitWeights)>,
+}
+
+impl Start {
+    fn read(args: &TrainArgs) -> Result<Self> {
+        let Some(dir) = &args.init else {
+            let vae_dir = args.vae.clone().ok_or_else(|| input_error("--vae or --init is needed"))?;
+            let vae_config = load_config(&vae_dir.join("config.json"))?;
+            return Ok(Self { vae_dir, vae_config, init: None });
+        };
+        let configs = WanConfigs::read(dir)?;
+        let vae_dir = configs.folder.component("vae")?;
+        if configs.vae.latents_mean.len() != configs.vae.z_dim
+            || configs.vae.latents_std.len() != configs.vae.z_dim
+        {
+            return Err(input_error(format!(
+                "{}: latents_mean / latents_std must hold z_dim {} values each to fine-tune on",
+                vae_dir.join("config.json").display(),
+                configs.vae.z_dim
+            )));
+        }
+        let tokenizer = vidit::pipelines::prompt::load_tokenizer(&configs.tokenizer_json)?;
+        let component = |name: &str| -> Result<HashMap<String, Tensor>> {
+            let mut weights = HashMap::new();
+            for file in vidit::model_folder::weight_files(&configs.folder.component(name)?)? {
+                weights.extend(candle_core::safetensors::load(&file, &Device::Cpu)?);
+            }
+            Ok(weights)
+        };
+        let weights =
+            DitWeights { transformer: component("transformer")?, text_encoder: component("text_encoder")? };
+        Ok(Self { vae_dir, vae_config: configs.vae.clone(), init: Some((configs, tokenizer, weights)) })
+    }
 }
 
 pub fn run_dit(args: TrainArgs) -> Result<()> {
@@ -229,33 +280,62 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
             args.foreground_weight
         )));
     }
+    if !(0.0..=1.0).contains(&args.timestep_uniform) {
+        return Err(input_error(format!("--timestep-uniform {}: must be in [0, 1]", args.timestep_uniform)));
+    }
     let run = args.common.run_dir()?;
     let device = Device::Cpu;
-    let vae_config: WanVaeConfig = load_config(&args.vae.join("config.json"))?;
-    let vae = AutoencoderKLWan::new(vae_config.clone(), MappedWeights::var_builder(&args.vae, &device)?)
-        .map_err(|e| input_error(format!("{}: {e:#}", args.vae.display())))?;
+    let start = Start::read(&args)?;
+    let vae =
+        AutoencoderKLWan::new(start.vae_config.clone(), MappedWeights::var_builder(&start.vae_dir, &device)?)
+            .map_err(|e| input_error(format!("{}: {e:#}", start.vae_dir.display())))?;
     let data = args.common.dataset(builtin::FRAMES)?;
-    let tokenizer = builtin::word_tokenizer(&data.vocabulary())?;
-    let generation = builtin::generation_config();
+    let objective = match args.objective {
+        ObjectiveArg::Flow => Objective::FlowMatching { shift: args.shift, uniform: args.timestep_uniform },
+        ObjectiveArg::Ddpm => Objective::Ddpm,
+    };
+    let (tokenizer, transformer, text_encoder, generation, init) = match start.init {
+        Some((configs, tokenizer, weights)) => {
+            let unknown: Vec<String> =
+                data.vocabulary().into_iter().filter(|w| tokenizer.token_to_id(w).is_none()).collect();
+            if !unknown.is_empty() {
+                eprintln!(
+                    "warning: caption words outside {}'s vocabulary (read as <unk>): {}",
+                    configs.folder.root.display(),
+                    unknown.join(", ")
+                );
+            }
+            (tokenizer, configs.transformer, configs.text_encoder, configs.generation, Some(weights))
+        }
+        None => {
+            let tokenizer = builtin::word_tokenizer(&data.vocabulary())?;
+            let text_encoder = builtin::text_encoder_config(tokenizer.get_vocab_size(true));
+            let transformer = builtin::transformer_config(start.vae_config.z_dim, 64);
+            (tokenizer, transformer, text_encoder, builtin::generation_config(), None)
+        }
+    };
     let setup = DitTraining {
-        transformer: builtin::transformer_config(vae_config.z_dim, 64),
-        text_encoder: builtin::text_encoder_config(tokenizer.get_vocab_size(true)),
-        objective: match args.objective {
-            ObjectiveArg::Flow => Objective::FlowMatching { shift: args.shift },
-            ObjectiveArg::Ddpm => Objective::Ddpm,
-        },
+        transformer,
+        text_encoder,
+        objective,
         batch_size: args.common.batch_size.unwrap_or(32),
         max_sequence_length: generation.max_sequence_length,
         caption_dropout: args.caption_dropout,
         foreground_weight: args.foreground_weight,
         pool_size: args.pool,
         pool_seed: args.common.seed ^ 0x5eed,
+        init,
     };
     let started = std::time::Instant::now();
     if !args.common.quiet {
         eprintln!("encoding {} clips into the latent pool", setup.pool_size);
     }
-    let pool = LatentPool::encode(&vae, data.as_ref(), setup.pool_size, setup.pool_seed, &device)?;
+    let mut pool = LatentPool::encode(&vae, data.as_ref(), setup.pool_size, setup.pool_seed, &device)?;
+    if setup.init.is_some() {
+        // The fine-tuned DiT keeps working in its own latent units.
+        pool =
+            pool.with_stats(start.vae_config.latents_mean.clone(), start.vae_config.latents_std.clone())?;
+    }
     if !args.common.quiet {
         eprintln!("pool ready ({:.0}s)", started.elapsed().as_secs_f64());
         if setup.foreground_weight != 1.0 {
@@ -264,11 +344,13 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
         }
     }
     let vae_weights = candle_core::safetensors::load(
-        vidit::model_folder::weight_files(&args.vae)?.first().expect("weight_files returns at least one"),
+        vidit::model_folder::weight_files(&start.vae_dir)?
+            .first()
+            .expect("weight_files returns at least one"),
         &device,
     )?;
     let vae_config =
-        WanVaeConfig { latents_mean: pool.mean.clone(), latents_std: pool.std.clone(), ..vae_config };
+        WanVaeConfig { latents_mean: pool.mean.clone(), latents_std: pool.std.clone(), ..start.vae_config };
     let scheduler = builtin::scheduler_config(setup.objective)?;
     let model_dir = run.root.join("model");
     let write_model = |weights: &DitWeights| {

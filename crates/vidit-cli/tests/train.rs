@@ -176,6 +176,55 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
     assert_eq!(zero_weight.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&zero_weight.stderr);
     assert!(stderr.contains("--foreground-weight"), "{stderr}");
+    // Fine-tuning a model folder starts from its weights: with a zero learning rate they come
+    // back unchanged (to the EMA's rounding), beside its VAE and latent statistics.
+    let tuned = dir.path().join("tuned");
+    ok(vidit(&[
+        "train",
+        "--init",
+        p(&model),
+        "--out",
+        p(&tuned),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--pool",
+        "2",
+        "--lr",
+        "0",
+        "--timestep-uniform",
+        "0.5",
+        "--quiet",
+    ]));
+    let weights = |m: &Path| {
+        candle_core::safetensors::load(
+            m.join("transformer/diffusion_pytorch_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+    };
+    let (before, after) = (weights(&model)?, weights(&tuned.join("model"))?);
+    assert_eq!(before.len(), after.len());
+    for (name, t) in &before {
+        let err = (t - &after[name])?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(err < 1e-5, "{name}: {err}");
+    }
+    let stats = |m: &Path| -> Result<serde_json::Value> {
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(m.join("vae/config.json"))?)?;
+        Ok(config["latents_std"].clone())
+    };
+    assert_eq!(stats(&model)?, stats(&tuned.join("model"))?);
+    for (bad_args, named) in [
+        (vec!["--init", "/nonexistent/model"], "/nonexistent/model"),
+        (vec!["--init", p(&model), "--timestep-uniform", "1.5"], "--timestep-uniform"),
+    ] {
+        let out = dir.path().join("bad-run");
+        let bad = vidit(&[&["train", "--out", p(&out), "--steps", "1"][..], &bad_args].concat());
+        assert_eq!(bad.status.code(), Some(2), "{bad_args:?}");
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert!(stderr.contains(named), "{stderr}");
+    }
     std::fs::write(&prompts, "a red circle moving sideways\n")?;
     let bad = vidit(&["eval", "--model", p(&model), "--prompts", p(&prompts)]);
     assert_eq!(bad.status.code(), Some(2));

@@ -54,11 +54,15 @@ pub struct PromptEncoder {
     model: Umt5EncoderModel,
 }
 
+/// A `tokenizer.json`, with an error that names it.
+pub fn load_tokenizer(tokenizer_json: &Path) -> Result<Tokenizer> {
+    Tokenizer::from_file(tokenizer_json)
+        .map_err(|e| input_error(format!("{}: cannot load tokenizer: {e}", tokenizer_json.display())))
+}
+
 impl PromptEncoder {
     pub fn new(tokenizer_json: &Path, model: Umt5EncoderModel) -> Result<Self> {
-        let tokenizer = Tokenizer::from_file(tokenizer_json)
-            .map_err(|e| input_error(format!("{}: cannot load tokenizer: {e}", tokenizer_json.display())))?;
-        Ok(Self { tokenizer, model })
+        Ok(Self { tokenizer: load_tokenizer(tokenizer_json)?, model })
     }
 
     /// Token ids and attention mask, each `(B, max_len)`.

@@ -125,7 +125,7 @@ pub fn word_tokenizer(words: &[String]) -> Result<Tokenizer> {
 /// for flow matching, DDIM (no clipping: latents are not bounded) for DDPM.
 pub fn scheduler_config(objective: Objective) -> Result<serde_json::Value> {
     let (class, mut value) = match objective {
-        Objective::FlowMatching { shift } => (
+        Objective::FlowMatching { shift, .. } => (
             "UniPCMultistepScheduler",
             serde_json::to_value(UniPcConfig {
                 prediction_type: "flow_prediction".into(),

@@ -13,7 +13,7 @@ use crate::models::umt5::{zero_padding, Umt5Config, Umt5EncoderModel};
 use crate::models::wan_transformer::{WanTransformer3DModel, WanTransformerConfig};
 use crate::models::wan_vae::AutoencoderKLWan;
 use crate::pipelines::prompt::tokenize_padded;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
@@ -35,6 +35,9 @@ pub struct DitTraining {
     /// Clips encoded into the latent pool, and the seed that draws them.
     pub pool_size: usize,
     pub pool_seed: u64,
+    /// Weights to start from (fine-tuning a trained model) instead of a fresh initialisation;
+    /// their names and shapes must be exactly the configs' (the EMA starts from them too).
+    pub init: Option<DitWeights>,
 }
 
 /// Distance (L2 over channels, in units of the normalised latents) from the pool's typical value
@@ -87,6 +90,28 @@ impl LatentPool {
         Ok(Self { latents, captions, mean, std })
     }
 
+    /// The same latents normalised by another per-channel `mean` and `std` (a trained model's,
+    /// when fine-tuning it: its DiT saw latents in its own units).
+    pub fn with_stats(self, mean: Vec<f64>, std: Vec<f64>) -> Result<Self> {
+        let channels = self.latents.dim(1)?;
+        if mean.len() != channels || std.len() != channels || !std.iter().all(|&s| s > 0.0) {
+            bail!(
+                "latent statistics: {} means and {} stds (all positive) for {channels} channels",
+                mean.len(),
+                std.len()
+            );
+        }
+        let device = self.latents.device();
+        let column = |v: &[f64]| {
+            Tensor::from_vec(v.iter().map(|&x| x as f32).collect(), (1, channels, 1, 1, 1), device)
+        };
+        let (old_mean, old_std) = (column(&self.mean)?, column(&self.std)?);
+        let (new_mean, new_std) = (column(&mean)?, column(&std)?);
+        let raw = self.latents.broadcast_mul(&old_std)?.broadcast_add(&old_mean)?;
+        let latents = raw.broadcast_sub(&new_mean)?.broadcast_div(&new_std)?;
+        Ok(Self { latents, captions: self.captions, mean, std })
+    }
+
     /// `(N, 1, T, h, w)`: 1 where a clip's latent is more than [`FOREGROUND_DISTANCE`] from the
     /// pool's per-position median, else 0. On a static background (the shapes data: 18% of the
     /// positions) these are the moving object's, which a uniform loss all but ignores.
@@ -135,6 +160,9 @@ pub fn train_dit(
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let text_encoder = Umt5EncoderModel::new(setup.text_encoder.clone(), vb.pp("text_encoder"))?;
     let transformer = WanTransformer3DModel::new(setup.transformer.clone(), vb.pp("transformer"))?;
+    if let Some(init) = &setup.init {
+        start_from(&varmap, init)?;
+    }
     let (n, _, t, h, w) = pool.latents.dims5()?;
     let [_, ph, pw] = setup.transformer.patch_size;
     let tokens_per_frame = (h / ph) * (w / pw);
@@ -172,6 +200,30 @@ pub fn train_dit(
         masked_mse(&prediction, &noised.target, &weight)
     };
     Ok(DitWeights::split(&train(&varmap, options, run, loss, observer)?))
+}
+
+/// Sets every variable (`transformer.*`, `text_encoder.*`) from `init`, which must hold exactly
+/// these names with these shapes.
+fn start_from(varmap: &VarMap, init: &DitWeights) -> Result<()> {
+    let vars = varmap.data().lock().expect("varmap lock");
+    let given = init.transformer.len() + init.text_encoder.len();
+    if given != vars.len() {
+        bail!("initial weights: {given} tensors for a model of {}", vars.len());
+    }
+    for (name, var) in vars.iter() {
+        let (part, key) = name.split_once('.').expect("variables are prefixed by their component");
+        let weights = if part == "transformer" { &init.transformer } else { &init.text_encoder };
+        let Some(value) = weights.get(key) else { bail!("initial weights: no {part} tensor {key}") };
+        if value.dims() != var.dims() {
+            bail!(
+                "initial weights: {part} {key} is {:?}, the config makes it {:?}",
+                value.dims(),
+                var.dims()
+            );
+        }
+        var.set(&value.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    Ok(())
 }
 
 impl DitWeights {
