@@ -296,8 +296,7 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
     };
     let (tokenizer, transformer, text_encoder, generation, init) = match start.init {
         Some((configs, tokenizer, weights)) => {
-            let unknown: Vec<String> =
-                data.vocabulary().into_iter().filter(|w| tokenizer.token_to_id(w).is_none()).collect();
+            let unknown = vidit::pipelines::prompt::unknown_words(&tokenizer, &data.vocabulary().join(" "));
             if !unknown.is_empty() {
                 eprintln!(
                     "warning: caption words outside {}'s vocabulary (read as <unk>): {}",

@@ -60,6 +60,19 @@ pub fn load_tokenizer(tokenizer_json: &Path) -> Result<Tokenizer> {
         .map_err(|e| input_error(format!("{}: cannot load tokenizer: {e}", tokenizer_json.display())))
 }
 
+/// Words of `prompt` that `tokenizer` maps to its unknown token `<unk>` (none when it has no such
+/// token).
+pub fn unknown_words(tokenizer: &Tokenizer, prompt: &str) -> Vec<String> {
+    let Some(unk) = tokenizer.token_to_id("<unk>") else {
+        return vec![];
+    };
+    clean_prompt(prompt)
+        .split(' ')
+        .filter(|word| tokenizer.encode(*word, false).map(|e| e.get_ids().contains(&unk)).unwrap_or(false))
+        .map(String::from)
+        .collect()
+}
+
 impl PromptEncoder {
     pub fn new(tokenizer_json: &Path, model: Umt5EncoderModel) -> Result<Self> {
         Ok(Self { tokenizer: load_tokenizer(tokenizer_json)?, model })
@@ -79,16 +92,7 @@ impl PromptEncoder {
 
     /// Words of `prompt` that the tokenizer maps to its unknown token.
     pub fn unknown_words(&self, prompt: &str) -> Vec<String> {
-        let Some(unk) = self.tokenizer.token_to_id("<unk>") else {
-            return vec![];
-        };
-        clean_prompt(prompt)
-            .split(' ')
-            .filter(|word| {
-                self.tokenizer.encode(*word, false).map(|e| e.get_ids().contains(&unk)).unwrap_or(false)
-            })
-            .map(String::from)
-            .collect()
+        unknown_words(&self.tokenizer, prompt)
     }
 
     pub fn hidden_size(&self) -> usize {
