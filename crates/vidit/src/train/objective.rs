@@ -97,6 +97,7 @@ impl Objective {
             keep.extend(condition.mask(t));
             match *self {
                 Objective::FlowMatching { shift, uniform } => {
+                    // Without a uniform share no extra number is drawn: older runs keep their stream.
                     let sigma = if uniform > 0.0 && rng.random::<f64>() < uniform {
                         1.0 - rng.random::<f64>() // (0, 1]
                     } else {
