@@ -294,8 +294,24 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
         ObjectiveArg::Flow => Objective::FlowMatching { shift: args.shift, uniform: args.timestep_uniform },
         ObjectiveArg::Ddpm => Objective::Ddpm,
     };
+    let scheduler = builtin::scheduler_config(objective)?;
     let (tokenizer, transformer, text_encoder, generation, init) = match start.init {
         Some((configs, tokenizer, weights)) => {
+            // A model keeps the objective it was trained with (its sampler depends on it).
+            let theirs: serde_json::Value = load_config(&configs.scheduler_config)?;
+            if theirs["_class_name"] != scheduler["_class_name"] {
+                let flag = match args.objective {
+                    ObjectiveArg::Flow => "flow",
+                    ObjectiveArg::Ddpm => "ddpm",
+                };
+                return Err(input_error(format!(
+                    "{}: a {} model; --objective {} trains for {}",
+                    configs.scheduler_config.display(),
+                    theirs["_class_name"],
+                    flag,
+                    scheduler["_class_name"]
+                )));
+            }
             let unknown = vidit::pipelines::prompt::unknown_words(&tokenizer, &data.vocabulary().join(" "));
             if !unknown.is_empty() {
                 eprintln!(
@@ -350,7 +366,6 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
     )?;
     let vae_config =
         WanVaeConfig { latents_mean: pool.mean.clone(), latents_std: pool.std.clone(), ..start.vae_config };
-    let scheduler = builtin::scheduler_config(setup.objective)?;
     let model_dir = run.root.join("model");
     let write_model = |weights: &DitWeights| {
         builtin::write_model_folder(

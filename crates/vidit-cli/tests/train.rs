@@ -218,6 +218,7 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
     for (bad_args, named) in [
         (vec!["--init", "/nonexistent/model"], "/nonexistent/model"),
         (vec!["--init", p(&model), "--timestep-uniform", "1.5"], "--timestep-uniform"),
+        (vec!["--init", p(&ddpm_run.join("model"))], "--objective flow"),
     ] {
         let out = dir.path().join("bad-run");
         let bad = vidit(&[&["train", "--out", p(&out), "--steps", "1"][..], &bad_args].concat());
