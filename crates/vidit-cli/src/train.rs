@@ -259,17 +259,20 @@ impl Start {
             )));
         }
         let tokenizer = vidit::pipelines::prompt::load_tokenizer(&configs.tokenizer_json)?;
-        let component = |name: &str| -> Result<HashMap<String, Tensor>> {
-            let mut weights = HashMap::new();
-            for file in vidit::model_folder::weight_files(&configs.folder.component(name)?)? {
-                weights.extend(candle_core::safetensors::load(&file, &Device::Cpu)?);
-            }
-            Ok(weights)
-        };
+        let component = |name: &str| load_weights(&configs.folder.component(name)?);
         let weights =
             DitWeights { transformer: component("transformer")?, text_encoder: component("text_encoder")? };
         Ok(Self { vae_dir, vae_config: configs.vae.clone(), init: Some((configs, tokenizer, weights)) })
     }
+}
+
+/// Every tensor of a component folder's weight files, on the CPU.
+fn load_weights(dir: &std::path::Path) -> Result<HashMap<String, Tensor>> {
+    let mut weights = HashMap::new();
+    for file in vidit::model_folder::weight_files(dir)? {
+        weights.extend(candle_core::safetensors::load(&file, &Device::Cpu)?);
+    }
+    Ok(weights)
 }
 
 pub fn run_dit(args: TrainArgs) -> Result<()> {
@@ -358,12 +361,7 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
             eprintln!("foreground: {:.1}% of latent positions", 100.0 * foreground);
         }
     }
-    let vae_weights = candle_core::safetensors::load(
-        vidit::model_folder::weight_files(&start.vae_dir)?
-            .first()
-            .expect("weight_files returns at least one"),
-        &device,
-    )?;
+    let vae_weights = load_weights(&start.vae_dir)?;
     let vae_config =
         WanVaeConfig { latents_mean: pool.mean.clone(), latents_std: pool.std.clone(), ..start.vae_config };
     let model_dir = run.root.join("model");

@@ -18,7 +18,7 @@ const BAND_ELEMENTS: usize = 256 * 1024;
 
 /// The frames a causal convolution sees in front of its input: `zeros` frames of zeros, then the
 /// `cache` frames `(B, C, Tc, H, W)` (the end of the previous chunk).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 pub struct Front<'a> {
     pub zeros: usize,
     pub cache: Option<&'a Tensor>,
