@@ -152,6 +152,18 @@ pub struct TrainVaeArgs {
     /// Train on crops of this size around the shape (0: full frames).
     #[arg(long, default_value_t = 32)]
     crop: usize,
+    /// Loss weight of each clip's frame 0 against 1 for the other frames: the causal VAE encodes
+    /// it alone, and it is the given image of image-to-video.
+    #[arg(long, default_value_t = 1.0)]
+    first_frame_weight: f64,
+    /// Fine-tune this VAE component folder (e.g. models/shapes/vae) instead of training a new one;
+    /// its config, latent statistics included, is kept.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// With --init: train the decoder only. The encoder stays exactly as it is, so the latents of
+    /// a DiT trained on this VAE do not move, and the new VAE can replace the old in its model.
+    #[arg(long, requires = "init")]
+    decoder_only: bool,
 }
 
 pub fn run_vae(args: TrainVaeArgs) -> Result<()> {
@@ -159,20 +171,39 @@ pub fn run_vae(args: TrainVaeArgs) -> Result<()> {
     if args.frames % 4 != 1 {
         return Err(input_error(format!("--frames {}: must be of the form 4k+1", args.frames)));
     }
+    if !(args.first_frame_weight.is_finite() && args.first_frame_weight > 0.0) {
+        return Err(input_error(format!(
+            "--first-frame-weight {}: must be a positive number",
+            args.first_frame_weight
+        )));
+    }
+    let (config, init) = match &args.init {
+        Some(dir) => {
+            let config: WanVaeConfig = load_config(&dir.join("config.json"))?;
+            config
+                .validate()
+                .map_err(|e| input_error(format!("{}: {e:#}", dir.join("config.json").display())))?;
+            (config, Some(load_weights(dir)?))
+        }
+        None => (builtin::vae_config(), None),
+    };
     let run = args.common.run_dir()?;
     let data = args.common.dataset(args.frames)?;
     let setup = VaeTraining {
-        config: builtin::vae_config(),
+        config,
         batch_size: args.common.batch_size.unwrap_or(8),
         kl_weight: args.kl_weight,
         crop: (args.crop > 0).then_some(args.crop),
+        first_frame_weight: args.first_frame_weight,
+        init,
+        decoder_only: args.decoder_only,
     };
     let (bar, on_step) = args.common.progress();
     let started = std::time::Instant::now();
     // At each checkpoint: one clip beside its reconstruction by the EMA weights.
     let (probe, _) = fixed_sample(data.as_ref(), 7, &Device::Cpu)?;
     let samples = |step: usize, ema: &HashMap<String, Tensor>| -> Result<()> {
-        let strip = reconstruction_strip(&setup.config, ema, &probe)?;
+        let strip = reconstruction_strip(&setup.config, &setup.whole(ema.clone()), &probe)?;
         write_video(&run.sample(step, "reconstruction")?, &strip, builtin::FPS)
     };
     let observer = WithCheckpoints(on_step, samples);

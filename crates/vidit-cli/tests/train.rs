@@ -197,24 +197,59 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
         "0.5",
         "--quiet",
     ]));
-    let weights = |m: &Path| {
-        candle_core::safetensors::load(
-            m.join("transformer/diffusion_pytorch_model.safetensors"),
-            &candle_core::Device::Cpu,
-        )
+    // Each tensor of a component's weights against another's: the largest difference, by name.
+    let changes = |before: &Path, after: &Path| -> Result<Vec<(String, f32)>> {
+        let load = |d: &Path| {
+            candle_core::safetensors::load(
+                d.join("diffusion_pytorch_model.safetensors"),
+                &candle_core::Device::Cpu,
+            )
+        };
+        let (before, after) = (load(before)?, load(after)?);
+        assert_eq!(before.len(), after.len());
+        let diff = |name: &String, t: &candle_core::Tensor| -> Result<f32> {
+            Ok((t - &after[name])?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+        };
+        before.iter().map(|(name, t)| Ok((name.clone(), diff(name, t)?))).collect()
     };
-    let (before, after) = (weights(&model)?, weights(&tuned.join("model"))?);
-    assert_eq!(before.len(), after.len());
-    for (name, t) in &before {
-        let err = (t - &after[name])?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    for (name, err) in changes(&model.join("transformer"), &tuned.join("model/transformer"))? {
         assert!(err < 1e-5, "{name}: {err}");
     }
-    let stats = |m: &Path| -> Result<serde_json::Value> {
+    let stats = |vae: &Path| -> Result<serde_json::Value> {
         let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(m.join("vae/config.json"))?)?;
+            serde_json::from_str(&std::fs::read_to_string(vae.join("config.json"))?)?;
         Ok(config["latents_std"].clone())
     };
-    assert_eq!(stats(&model)?, stats(&tuned.join("model"))?);
+    assert_eq!(stats(&model.join("vae"))?, stats(&tuned.join("model/vae"))?);
+    // Fine-tuning a model's VAE decoder (frame 0 weighted up): the encoder, and so the latents the
+    // DiT works on, stay bit for bit; the decoder moves; the config, latent statistics included,
+    // is kept.
+    let decoder_run = dir.path().join("decoder-run");
+    ok(vidit(&[
+        "train-vae",
+        "--init",
+        p(&model.join("vae")),
+        "--decoder-only",
+        "--first-frame-weight",
+        "4",
+        "--out",
+        p(&decoder_run),
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--quiet",
+    ]));
+    let mut decoder_moved = 0;
+    for (name, err) in changes(&model.join("vae"), &decoder_run.join("vae"))? {
+        if name.starts_with("decoder.") || name.starts_with("post_quant_conv.") {
+            decoder_moved += usize::from(err > 0.0);
+        } else {
+            assert_eq!(err, 0.0, "{name} is the encoder's: it must not move");
+        }
+    }
+    assert!(decoder_moved > 0, "the decoder did not train");
+    assert_eq!(stats(&model.join("vae"))?, stats(&decoder_run.join("vae"))?);
     for (bad_args, named) in [
         (vec!["--init", "/nonexistent/model"], "/nonexistent/model"),
         (vec!["--init", p(&model), "--timestep-uniform", "1.5"], "--timestep-uniform"),
@@ -222,6 +257,19 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
     ] {
         let out = dir.path().join("bad-run");
         let bad = vidit(&[&["train", "--out", p(&out), "--steps", "1"][..], &bad_args].concat());
+        assert_eq!(bad.status.code(), Some(2), "{bad_args:?}");
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert!(stderr.contains(named), "{stderr}");
+    }
+    // A VAE fine-tune from a folder holding another component's weights, with frame 0 weighted
+    // by nothing, or of the decoder alone with nothing to start from.
+    for (bad_args, named) in [
+        (vec!["--init", p(&model.join("transformer"))], "config.json"),
+        (vec!["--init", p(&vae_dir), "--first-frame-weight", "0"], "--first-frame-weight"),
+        (vec!["--decoder-only"], "--init"),
+    ] {
+        let out = dir.path().join("bad-vae-run");
+        let bad = vidit(&[&["train-vae", "--out", p(&out), "--steps", "1"][..], &bad_args].concat());
         assert_eq!(bad.status.code(), Some(2), "{bad_args:?}");
         let stderr = String::from_utf8_lossy(&bad.stderr);
         assert!(stderr.contains(named), "{stderr}");

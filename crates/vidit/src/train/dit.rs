@@ -7,6 +7,7 @@
 //! optionally weighting the latent positions of the foreground (the moving object) up.
 
 use super::data::{batch, ClipSource};
+use super::init::StartFrom;
 use super::objective::{masked_mse, FrameCondition, Objective};
 use super::trainer::{train, Observer, RunDir, TrainOptions};
 use crate::models::umt5::{zero_padding, Umt5Config, Umt5EncoderModel};
@@ -157,12 +158,16 @@ pub fn train_dit(
     observer: impl Observer,
 ) -> Result<DitWeights> {
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-    let text_encoder = Umt5EncoderModel::new(setup.text_encoder.clone(), vb.pp("text_encoder"))?;
-    let transformer = WanTransformer3DModel::new(setup.transformer.clone(), vb.pp("transformer"))?;
-    if let Some(init) = &setup.init {
-        start_from(&varmap, init)?;
-    }
+    let build = |vb: VarBuilder| -> Result<_> {
+        Ok((
+            Umt5EncoderModel::new(setup.text_encoder.clone(), vb.pp("text_encoder"))?,
+            WanTransformer3DModel::new(setup.transformer.clone(), vb.pp("transformer"))?,
+        ))
+    };
+    let (text_encoder, transformer) = match &setup.init {
+        Some(init) => StartFrom::new("--init", init.joined(), &varmap, |_| true).build(device, build)?,
+        None => build(VarBuilder::from_varmap(&varmap, DType::F32, device))?,
+    };
     let (n, _, t, h, w) = pool.latents.dims5()?;
     let [_, ph, pw] = setup.transformer.patch_size;
     let tokens_per_frame = (h / ph) * (w / pw);
@@ -204,28 +209,6 @@ pub fn train_dit(
 
 /// Sets every variable (`transformer.*`, `text_encoder.*`) from `init`, which must hold exactly
 /// these names with these shapes.
-fn start_from(varmap: &VarMap, init: &DitWeights) -> Result<()> {
-    let vars = varmap.data().lock().expect("varmap lock");
-    let given = init.transformer.len() + init.text_encoder.len();
-    if given != vars.len() {
-        bail!("initial weights: {given} tensors for a model of {}", vars.len());
-    }
-    for (name, var) in vars.iter() {
-        let (part, key) = name.split_once('.').expect("variables are prefixed by their component");
-        let weights = if part == "transformer" { &init.transformer } else { &init.text_encoder };
-        let Some(value) = weights.get(key) else { bail!("initial weights: no {part} tensor {key}") };
-        if value.dims() != var.dims() {
-            bail!(
-                "initial weights: {part} {key} is {:?}, the config makes it {:?}",
-                value.dims(),
-                var.dims()
-            );
-        }
-        var.set(&value.to_dtype(var.dtype())?.to_device(var.device())?)?;
-    }
-    Ok(())
-}
-
 impl DitWeights {
     /// Splits the jointly trained weights (`transformer.*`, `text_encoder.*`) by component.
     pub fn split(weights: &HashMap<String, Tensor>) -> Self {
@@ -234,6 +217,17 @@ impl DitWeights {
             weights.iter().filter_map(|(k, v)| Some((k.strip_prefix(&p)?.to_string(), v.clone()))).collect()
         };
         Self { transformer: part("transformer"), text_encoder: part("text_encoder") }
+    }
+
+    /// The inverse of [`Self::split`]: one map, names prefixed by their component.
+    pub fn joined(&self) -> HashMap<String, Tensor> {
+        let prefixed = |prefix: &str, part: &HashMap<String, Tensor>| {
+            part.iter().map(move |(k, v)| (format!("{prefix}.{k}"), v.clone())).collect::<Vec<_>>()
+        };
+        prefixed("transformer", &self.transformer)
+            .into_iter()
+            .chain(prefixed("text_encoder", &self.text_encoder))
+            .collect()
     }
 }
 

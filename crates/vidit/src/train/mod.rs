@@ -4,6 +4,7 @@
 pub mod builtin;
 pub mod data;
 pub mod dit;
+pub mod init;
 pub mod objective;
 pub mod optim;
 pub mod plot;
