@@ -87,19 +87,50 @@ impl NamedConfig {
     }
 }
 
-/// Median wall time of `f` in milliseconds.
-fn time_ms<T>(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+/// A timed measurement: the median wall time of one repetition, and how many cores the process
+/// kept busy over all timed repetitions (CPU time of all its threads over wall time; a thread
+/// spinning while it waits for work counts as busy).
+struct Timing {
+    ms: f64,
+    cores: Option<f64>,
+}
+
+/// Times `f`: `warmup` untimed repetitions, then `iters` timed ones.
+fn time_ms<T>(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<Timing> {
     for _ in 0..warmup {
         f()?;
     }
     let mut times = Vec::with_capacity(iters);
+    let (wall, cpu) = (Instant::now(), cpu_ms());
     for _ in 0..iters.max(1) {
         let start = Instant::now();
         f()?;
         times.push(start.elapsed().as_secs_f64() * 1e3);
     }
+    let wall_ms = wall.elapsed().as_secs_f64() * 1e3;
+    let cores = cpu.zip(cpu_ms()).map(|(start, end)| (end - start) / wall_ms);
     times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(Timing { ms: times[times.len() / 2], cores })
+}
+
+/// User + system CPU time of the whole process (every thread, joined ones included), in ms.
+#[cfg(unix)]
+fn cpu_ms() -> Option<f64> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes the struct it is handed and nothing else.
+    let usage = unsafe {
+        if libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) != 0 {
+            return None;
+        }
+        usage.assume_init()
+    };
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    Some(ms(usage.ru_utime) + ms(usage.ru_stime))
+}
+
+#[cfg(not(unix))]
+fn cpu_ms() -> Option<f64> {
+    None
 }
 
 /// What one denoising step is timed on.
@@ -187,6 +218,7 @@ fn training_step(batch_size: usize, warmup: usize, iters: usize, device: &Device
         pool_size: 256,
         pool_seed: 0,
         init: None,
+        frozen_text_encoder: None,
     };
     let frames = (builtin::FRAMES - 1) / vae.temporal_factor() + 1;
     let (h, w) = (builtin::HEIGHT / vae.spatial_factor(), builtin::WIDTH / vae.spatial_factor());
@@ -198,17 +230,20 @@ fn training_step(batch_size: usize, warmup: usize, iters: usize, device: &Device
     let dir = tempfile::tempdir()?;
     let run = RunDir { root: dir.path().to_path_buf() };
     let options = TrainOptions { steps: warmup + iters, checkpoint_every: usize::MAX, ..Default::default() };
-    let mut marks = vec![Instant::now()];
+    // (wall clock, process CPU time) at the start and after each step.
+    let mut marks = vec![(Instant::now(), cpu_ms())];
     train_dit(&setup, &pool, &tokenizer, &options, &run, device, |_: &StepReport| {
-        marks.push(Instant::now())
+        marks.push((Instant::now(), cpu_ms()))
     })?;
+    let (first, last) = (marks[warmup], marks[marks.len() - 1]);
+    let cores = first.1.zip(last.1).map(|(a, b)| (b - a) / ((last.0 - first.0).as_secs_f64() * 1e3));
     let mut times: Vec<f64> =
-        marks.windows(2).skip(warmup).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
+        marks.windows(2).skip(warmup).map(|w| (w[1].0 - w[0].0).as_secs_f64() * 1e3).collect();
     times.sort_by(f64::total_cmp);
     let ms = times[times.len() / 2];
     let tokens = setup.transformer.tokens(frames, h, w);
     Ok(
-        json!({ "batch_size": batch_size, "tokens": tokens, "ms": ms, "samples_per_s": batch_size as f64 * 1e3 / ms }),
+        json!({ "batch_size": batch_size, "tokens": tokens, "ms": ms, "samples_per_s": batch_size as f64 * 1e3 / ms, "cores": cores }),
     )
 }
 
@@ -292,7 +327,7 @@ fn denoising_step(
     };
     let single = time_ms(warmup, iters, || forward(&inputs.latents, &context))?;
     let guided = time_ms(warmup, iters, || forward(&latents_cfg, &context_cfg))?;
-    let context_ms = time_ms(warmup, iters, || t.text_context(&pair))?;
+    let context_ms = time_ms(warmup, iters, || t.text_context(&pair))?.ms;
     let scheduler = &mut inputs.scheduler;
     scheduler.set_timesteps(warmup + iters + 1)?;
     let velocity = vidit::noise::randn(2, inputs.latents.dims(), &device)?;
@@ -301,7 +336,8 @@ fn denoising_step(
         sample = scheduler.step(&velocity, &sample)?;
         sample.to_device(&Device::Cpu)?;
         Ok(())
-    })?;
+    })?
+    .ms;
     let (_, _, f, h, w) = inputs.latents.dims5()?;
     let tokens = t.config.tokens(f, h, w);
     let text_tokens = inputs.text.dim(1)?;
@@ -309,12 +345,14 @@ fn denoising_step(
     Ok(json!({
         "tokens": tokens,
         "text_tokens": text_tokens,
-        "forward_ms": single,
-        "forward_gflops": flops / single / 1e6,
-        "forward_cfg_ms": guided,
-        "forward_cfg_gflops": 2.0 * flops / guided / 1e6,
+        "forward_ms": single.ms,
+        "forward_gflops": flops / single.ms / 1e6,
+        "forward_cores": single.cores,
+        "forward_cfg_ms": guided.ms,
+        "forward_cfg_gflops": 2.0 * flops / guided.ms / 1e6,
+        "forward_cfg_cores": guided.cores,
         "scheduler_ms": scheduler_ms,
-        "step_cfg_ms": guided + scheduler_ms,
+        "step_cfg_ms": guided.ms + scheduler_ms,
         "text_context_per_prompt_ms": context_ms,
     }))
 }
@@ -322,25 +360,30 @@ fn denoising_step(
 fn text_encoder(model: &WanModel, warmup: usize, iters: usize) -> Result<Value> {
     let prompts = ["a red circle moving left".to_string(), String::new()];
     let len = model.generation.max_sequence_length;
-    let ms = time_ms(warmup, iters, || model.text.encode(&prompts, len, &model.device))?;
-    Ok(json!({ "prompts": 2, "tokens": len, "ms": ms }))
+    let timing = time_ms(warmup, iters, || model.text.encode(&prompts, len, &model.device))?;
+    Ok(json!({ "prompts": 2, "tokens": len, "ms": timing.ms, "cores": timing.cores }))
 }
 
 fn vae_decode(model: &WanModel, latents: &Tensor, warmup: usize, iters: usize) -> Result<Value> {
-    let ms = time_ms(warmup, iters, || model.vae.decode(latents))?;
+    let timing = time_ms(warmup, iters, || model.vae.decode(latents))?;
     let frames = model.generation.num_frames;
-    Ok(json!({ "frames": frames, "ms": ms, "ms_per_frame": ms / frames as f64 }))
+    Ok(json!({
+        "frames": frames,
+        "ms": timing.ms,
+        "ms_per_frame": timing.ms / frames as f64,
+        "cores": timing.cores,
+    }))
 }
 
 /// f32 matmul 1024³ (2·1024³ FLOP).
 fn matmul_1024(device: &Device, warmup: usize, iters: usize) -> Result<Value> {
     let a = vidit::noise::randn(3, &[1024, 1024], device)?;
     let b = vidit::noise::randn(4, &[1024, 1024], device)?;
-    let ms = time_ms(warmup, iters, || {
+    let timing = time_ms(warmup, iters, || {
         a.matmul(&b)?.to_device(&Device::Cpu)?; // waits for the device
         Ok(())
     })?;
-    Ok(json!({ "ms": ms, "gflops": 2.0 * 1024f64.powi(3) / ms / 1e6 }))
+    Ok(json!({ "ms": timing.ms, "gflops": 2.0 * 1024f64.powi(3) / timing.ms / 1e6, "cores": timing.cores }))
 }
 
 /// Writes vidit's inputs and output next to the saved weights, for the peer benchmark to compare.
@@ -405,6 +448,7 @@ fn peak_rss_mb() -> Option<f64> {
 
 fn print_table(r: &Value) {
     let num = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
+    let cores = |v: &Value| v.as_f64().map_or(String::new(), |x| format!("  {x:.2} cores busy"));
     let m = &r["machine"];
     println!(
         "machine: {} · {} threads · {} f32 lanes · {} GHz · peak ≈ {} GFLOP/s",
@@ -416,17 +460,19 @@ fn print_table(r: &Value) {
     );
     println!("model: {}", r["model"].as_str().unwrap_or("?"));
     println!(
-        "matmul 1024³ f32:       {:>9} ms  {:>8} GFLOP/s",
+        "matmul 1024³ f32:       {:>9} ms  {:>8} GFLOP/s{}",
         num(&r["matmul_1024"]["ms"]),
-        num(&r["matmul_1024"]["gflops"])
+        num(&r["matmul_1024"]["gflops"]),
+        cores(&r["matmul_1024"]["cores"])
     );
     if let Some(t) = r.get("train_step") {
         println!(
-            "training step (batch {}, {} tokens): {} ms, {} samples/s",
+            "training step (batch {}, {} tokens): {} ms, {} samples/s{}",
             t["batch_size"],
             t["tokens"],
             num(&t["ms"]),
-            num(&t["samples_per_s"])
+            num(&t["samples_per_s"]),
+            cores(&t["cores"])
         );
         println!("peak RSS: {} MB", num(&r["peak_rss_mb"]));
         return;
@@ -434,27 +480,36 @@ fn print_table(r: &Value) {
     let s = &r["denoising_step"];
     println!("tokens: {} latent, {} text", s["tokens"], s["text_tokens"]);
     println!(
-        "forward (no CFG):       {:>9} ms  {:>8} GFLOP/s",
+        "forward (no CFG):       {:>9} ms  {:>8} GFLOP/s{}",
         num(&s["forward_ms"]),
-        num(&s["forward_gflops"])
+        num(&s["forward_gflops"]),
+        cores(&s["forward_cores"])
     );
     println!(
-        "forward (CFG, batch 2): {:>9} ms  {:>8} GFLOP/s",
+        "forward (CFG, batch 2): {:>9} ms  {:>8} GFLOP/s{}",
         num(&s["forward_cfg_ms"]),
-        num(&s["forward_cfg_gflops"])
+        num(&s["forward_cfg_gflops"]),
+        cores(&s["forward_cfg_cores"])
     );
     println!("scheduler step:         {:>9} ms", num(&s["scheduler_ms"]));
     println!("denoising step (CFG):   {:>9} ms", num(&s["step_cfg_ms"]));
     println!("text context, per prompt (not per step): {} ms", num(&s["text_context_per_prompt_ms"]));
     if let Some(t) = r.get("text_encoder") {
-        println!("text encoder ({} prompts x {} tokens): {} ms", t["prompts"], t["tokens"], num(&t["ms"]));
+        println!(
+            "text encoder ({} prompts x {} tokens): {} ms{}",
+            t["prompts"],
+            t["tokens"],
+            num(&t["ms"]),
+            cores(&t["cores"])
+        );
     }
     if let Some(v) = r.get("vae_decode") {
         println!(
-            "VAE decode ({} frames): {} ms, {} ms/frame",
+            "VAE decode ({} frames): {} ms, {} ms/frame{}",
             v["frames"],
             num(&v["ms"]),
-            num(&v["ms_per_frame"])
+            num(&v["ms_per_frame"]),
+            cores(&v["cores"])
         );
     }
     println!("peak RSS: {} MB", num(&r["peak_rss_mb"]));
