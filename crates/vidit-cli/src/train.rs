@@ -1,9 +1,8 @@
 //! `vidit train-vae` and `vidit train`: train the built-in model's VAE, then its DiT and text
 //! encoder, on the built-in `shapes` dataset; the result is a model folder `vidit generate` runs.
 
-use anyhow::Result;
-use candle_core::Device;
-use candle_core::Tensor;
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
@@ -12,6 +11,7 @@ use tokenizers::Tokenizer;
 use vidit::error::input_error;
 use vidit::io::video::write_video;
 use vidit::model_folder::{load_config, MappedWeights};
+use vidit::models::umt5::{Umt5Config, Umt5EncoderModel};
 use vidit::models::wan_vae::{AutoencoderKLWan, WanVaeConfig};
 use vidit::pipelines::wan::WanConfigs;
 use vidit::pipelines::{TextToVideo, WanModel};
@@ -261,6 +261,10 @@ pub struct TrainArgs {
     /// object on a static background) against 1 for the rest.
     #[arg(long, default_value_t = 1.0)]
     foreground_weight: f64,
+    /// Keep the text encoder fixed instead of training it with the DiT: the --init model's, or a
+    /// new random one (kept in RUN/text_encoder_frozen.safetensors, which --resume reads back).
+    #[arg(long)]
+    freeze_text_encoder: bool,
 }
 
 /// What `vidit train` starts from: a VAE alone (a new DiT), or a whole model folder (`--init`).
@@ -295,6 +299,40 @@ impl Start {
             DitWeights { transformer: component("transformer")?, text_encoder: component("text_encoder")? };
         Ok(Self { vae_dir, vae_config: configs.vae.clone(), init: Some((configs, tokenizer, weights)) })
     }
+}
+
+/// A new run's text encoder at its random initialisation, written into the run folder so that
+/// `--resume` continues with the same one; on resume, read back from there.
+fn frozen_random_text_encoder(
+    run: &RunDir,
+    config: &Umt5Config,
+    resume: bool,
+) -> Result<HashMap<String, Tensor>> {
+    let path = run.frozen_text_encoder();
+    if resume {
+        if !path.exists() {
+            return Err(input_error(format!(
+                "--resume --freeze-text-encoder: {} is missing (was the run started with --freeze-text-encoder?)",
+                path.display()
+            )));
+        }
+        return Ok(candle_core::safetensors::load(&path, &Device::Cpu)?);
+    }
+    let varmap = candle_nn::VarMap::new();
+    Umt5EncoderModel::new(
+        config.clone(),
+        candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )?;
+    let weights: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    std::fs::create_dir_all(&run.root).with_context(|| format!("{}: cannot create", run.root.display()))?;
+    vidit::io::tensors::write_tensors(&path, &weights)?;
+    Ok(weights)
 }
 
 /// Every tensor of a component folder's weight files, on the CPU.
@@ -363,6 +401,11 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
             (tokenizer, transformer, text_encoder, builtin::generation_config(), None)
         }
     };
+    let frozen_text_encoder = match (&init, args.freeze_text_encoder) {
+        (_, false) => None,
+        (Some(weights), true) => Some(weights.text_encoder.clone()),
+        (None, true) => Some(frozen_random_text_encoder(&run, &text_encoder, args.common.resume)?),
+    };
     let setup = DitTraining {
         transformer,
         text_encoder,
@@ -374,6 +417,7 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
         pool_size: args.pool,
         pool_seed: args.common.seed ^ 0x5eed,
         init,
+        frozen_text_encoder,
     };
     let started = std::time::Instant::now();
     if !args.common.quiet {
@@ -418,7 +462,7 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
     prompts.dedup();
     prompts.truncate(2);
     let samples = |step: usize, ema: &HashMap<String, Tensor>| -> Result<()> {
-        write_model(&DitWeights::split(ema))?;
+        write_model(&setup.weights(ema))?;
         let model = WanModel::open(&model_dir, &device)?;
         for (i, prompt) in prompts.iter().enumerate() {
             let mut scheduler = from_config_file(&model.scheduler_config, None, None)?;

@@ -20,22 +20,40 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
-/// A 2-step `vidit train` on a 2-clip pool, with `extra` flags.
-fn train_dit(vae: &Path, out: &Path, extra: &[&str]) {
-    let mut args = vec!["train", "--vae", p(vae), "--out", p(out), "--steps", "2", "--batch-size", "2"];
+/// `vidit train` up to `steps` on a 2-clip pool, with `extra` flags.
+fn train_dit_run(vae: &Path, out: &Path, steps: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--vae", p(vae), "--out", p(out), "--steps", steps, "--batch-size", "2"];
     args.extend(["--pool", "2", "--quiet"]);
     args.extend(extra);
-    ok(vidit(&args));
+    vidit(&args)
 }
 
-#[test]
-fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let vae_run = dir.path().join("vae-run");
+/// A 2-step [`train_dit_run`] that must succeed.
+fn train_dit(vae: &Path, out: &Path, extra: &[&str]) {
+    ok(train_dit_run(vae, out, "2", extra));
+}
+
+const TRANSFORMER: &str = "transformer/diffusion_pytorch_model.safetensors";
+const TEXT_ENCODER: &str = "text_encoder/model.safetensors";
+const VAE: &str = "vae/diffusion_pytorch_model.safetensors";
+
+/// Each tensor of one weight file against the same-named one of another: the largest difference.
+fn changes(before: &Path, after: &Path) -> Result<Vec<(String, f32)>> {
+    let load = |file: &Path| candle_core::safetensors::load(file, &candle_core::Device::Cpu);
+    let (before, after) = (load(before)?, load(after)?);
+    assert_eq!(before.len(), after.len());
+    let diff = |name: &String, t: &candle_core::Tensor| -> Result<f32> {
+        Ok((t - &after[name])?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    };
+    before.iter().map(|(name, t)| Ok((name.clone(), diff(name, t)?))).collect()
+}
+
+/// A 2-step `vidit train-vae` on 5-frame clips: its VAE folder is `out/vae`.
+fn train_vae(out: &Path) {
     ok(vidit(&[
         "train-vae",
         "--out",
-        p(&vae_run),
+        p(out),
         "--steps",
         "2",
         "--batch-size",
@@ -44,6 +62,13 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
         "5",
         "--quiet",
     ]));
+}
+
+#[test]
+fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let vae_run = dir.path().join("vae-run");
+    train_vae(&vae_run);
     let log = std::fs::read_to_string(vae_run.join("train_log.csv"))?;
     assert_eq!(log.lines().count(), 3, "header + 2 steps: {log}");
     for file in ["vae/config.json", "checkpoint.safetensors", "loss.png"] {
@@ -197,30 +222,12 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
         "0.5",
         "--quiet",
     ]));
-    // Each tensor of a component's weights against another's: the largest difference, by name.
-    let changes = |before: &Path, after: &Path| -> Result<Vec<(String, f32)>> {
-        let load = |d: &Path| {
-            candle_core::safetensors::load(
-                d.join("diffusion_pytorch_model.safetensors"),
-                &candle_core::Device::Cpu,
-            )
-        };
-        let (before, after) = (load(before)?, load(after)?);
-        assert_eq!(before.len(), after.len());
-        let diff = |name: &String, t: &candle_core::Tensor| -> Result<f32> {
-            Ok((t - &after[name])?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
-        };
-        before.iter().map(|(name, t)| Ok((name.clone(), diff(name, t)?))).collect()
-    };
-    for (name, err) in changes(&model.join("transformer"), &tuned.join("model/transformer"))? {
+    for (name, err) in changes(&model.join(TRANSFORMER), &tuned.join("model").join(TRANSFORMER))? {
         assert!(err < 1e-5, "{name}: {err}");
     }
-    let stats = |vae: &Path| -> Result<serde_json::Value> {
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(vae.join("config.json"))?)?;
-        Ok(config["latents_std"].clone())
-    };
-    assert_eq!(stats(&model.join("vae"))?, stats(&tuned.join("model/vae"))?);
+    // The VAE config, latent statistics included, is written back byte for byte.
+    let config = |vae: &Path| std::fs::read_to_string(vae.join("config.json"));
+    assert_eq!(config(&model.join("vae"))?, config(&tuned.join("model/vae"))?);
     // Fine-tuning a model's VAE decoder (frame 0 weighted up): the encoder, and so the latents the
     // DiT works on, stay bit for bit; the decoder moves; the config, latent statistics included,
     // is kept.
@@ -241,7 +248,7 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
         "--quiet",
     ]));
     let mut decoder_moved = 0;
-    for (name, err) in changes(&model.join("vae"), &decoder_run.join("vae"))? {
+    for (name, err) in changes(&model.join(VAE), &decoder_run.join(VAE))? {
         if name.starts_with("decoder.") || name.starts_with("post_quant_conv.") {
             decoder_moved += usize::from(err > 0.0);
         } else {
@@ -249,7 +256,7 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
         }
     }
     assert!(decoder_moved > 0, "the decoder did not train");
-    assert_eq!(stats(&model.join("vae"))?, stats(&decoder_run.join("vae"))?);
+    assert_eq!(config(&model.join("vae"))?, config(&decoder_run.join("vae"))?);
     for (bad_args, named) in [
         (vec!["--init", "/nonexistent/model"], "/nonexistent/model"),
         (vec!["--init", p(&model), "--timestep-uniform", "1.5"], "--timestep-uniform"),
@@ -278,6 +285,60 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
     let bad = vidit(&["eval", "--model", p(&model), "--prompts", p(&prompts)]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("prompts.txt:1"));
+    Ok(())
+}
+
+#[test]
+fn a_frozen_text_encoder_stays_as_it_started() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    train_vae(&dir.path().join("vae-run"));
+    let vae_dir = dir.path().join("vae-run/vae");
+    // A new run's random text encoder is kept in the run folder and written with the model as
+    // it is, through a resume; the transformer trains.
+    let run = dir.path().join("frozen");
+    train_dit(&vae_dir, &run, &["--freeze-text-encoder"]);
+    let frozen = run.join("text_encoder_frozen.safetensors");
+    let unchanged =
+        |a: &Path, b: &Path| -> Result<bool> { Ok(changes(a, b)?.iter().all(|(_, err)| *err == 0.0)) };
+    assert!(unchanged(&frozen, &run.join("model").join(TEXT_ENCODER))?);
+    let after_two = dir.path().join("after-two.safetensors");
+    std::fs::copy(run.join("model").join(TRANSFORMER), &after_two)?;
+    ok(train_dit_run(&vae_dir, &run, "4", &["--freeze-text-encoder", "--resume"]));
+    assert!(unchanged(&frozen, &run.join("model").join(TEXT_ENCODER))?);
+    assert!(!unchanged(&after_two, &run.join("model").join(TRANSFORMER))?, "the transformer did not train");
+    // Fine-tuning with it frozen keeps the --init model's text encoder.
+    let tuned = dir.path().join("tuned");
+    let model = run.join("model");
+    ok(vidit(&[
+        "train",
+        "--init",
+        p(&model),
+        "--freeze-text-encoder",
+        "--out",
+        p(&tuned),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--pool",
+        "2",
+        "--quiet",
+    ]));
+    assert!(unchanged(&model.join(TEXT_ENCODER), &tuned.join("model").join(TEXT_ENCODER))?);
+    // Resuming a frozen run without the flag (another set of variables), or with it where the
+    // run has no frozen encoder, is refused.
+    std::fs::remove_file(&frozen)?;
+    for (extra, named) in
+        [(vec![], "another model config"), (vec!["--freeze-text-encoder"], "text_encoder_frozen")]
+    {
+        let bad = train_dit_run(&vae_dir, &run, "6", &[&["--resume"][..], &extra].concat());
+        assert_eq!(bad.status.code(), Some(2), "{extra:?}");
+        assert!(
+            String::from_utf8_lossy(&bad.stderr).contains(named),
+            "{}",
+            String::from_utf8_lossy(&bad.stderr)
+        );
+    }
     Ok(())
 }
 

@@ -39,6 +39,21 @@ pub struct DitTraining {
     /// Weights to start from (fine-tuning a trained model) instead of a fresh initialisation;
     /// their names and shapes must be exactly the configs' (the EMA starts from them too).
     pub init: Option<DitWeights>,
+    /// Text-encoder weights to keep fixed (constants, as Wan trains on a frozen UMT5) instead of
+    /// training the encoder with the DiT; with `init`, they replace its text encoder.
+    pub frozen_text_encoder: Option<HashMap<String, Tensor>>,
+}
+
+impl DitTraining {
+    /// The model's weights from the trained ones (a run's variables, or their EMA): a frozen
+    /// text encoder's are not among them and are added back.
+    pub fn weights(&self, trained: &HashMap<String, Tensor>) -> DitWeights {
+        let mut weights = DitWeights::split(trained);
+        if let Some(frozen) = &self.frozen_text_encoder {
+            weights.text_encoder = frozen.clone();
+        }
+        weights
+    }
 }
 
 /// Distance (L2 over channels, in units of the normalised latents) from the pool's typical value
@@ -164,9 +179,26 @@ pub fn train_dit(
             WanTransformer3DModel::new(setup.transformer.clone(), vb.pp("transformer"))?,
         ))
     };
-    let (text_encoder, transformer) = match &setup.init {
-        Some(init) => StartFrom::new("--init", init.joined(), &varmap, |_| true).build(device, build)?,
-        None => build(VarBuilder::from_varmap(&varmap, DType::F32, device))?,
+    let (text_encoder, transformer) = match (&setup.init, &setup.frozen_text_encoder) {
+        (None, None) => build(VarBuilder::from_varmap(&varmap, DType::F32, device))?,
+        (Some(init), None) => {
+            StartFrom::new("--init", init.joined(), &varmap, |_| true).build(device, build)?
+        }
+        (Some(init), Some(frozen)) => {
+            let weights = DitWeights { transformer: init.transformer.clone(), text_encoder: frozen.clone() };
+            StartFrom::new("--init", weights.joined(), &varmap, |name| name.starts_with("transformer."))
+                .build(device, build)?
+        }
+        (None, Some(frozen)) => (
+            Umt5EncoderModel::new(
+                setup.text_encoder.clone(),
+                VarBuilder::from_tensors(frozen.clone(), DType::F32, device),
+            )?,
+            WanTransformer3DModel::new(
+                setup.transformer.clone(),
+                VarBuilder::from_varmap(&varmap, DType::F32, device).pp("transformer"),
+            )?,
+        ),
     };
     let (n, _, t, h, w) = pool.latents.dims5()?;
     let [_, ph, pw] = setup.transformer.patch_size;
@@ -204,11 +236,9 @@ pub fn train_dit(
         };
         masked_mse(&prediction, &noised.target, &weight)
     };
-    Ok(DitWeights::split(&train(&varmap, options, run, loss, observer)?))
+    Ok(setup.weights(&train(&varmap, options, run, loss, observer)?))
 }
 
-/// Sets every variable (`transformer.*`, `text_encoder.*`) from `init`, which must hold exactly
-/// these names with these shapes.
 impl DitWeights {
     /// Splits the jointly trained weights (`transformer.*`, `text_encoder.*`) by component.
     pub fn split(weights: &HashMap<String, Tensor>) -> Self {

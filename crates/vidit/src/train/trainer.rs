@@ -105,6 +105,10 @@ impl RunDir {
     pub fn log(&self) -> PathBuf {
         self.root.join("train_log.csv")
     }
+    /// The fixed random text encoder of a new run trained with it frozen (read back on resume).
+    pub fn frozen_text_encoder(&self) -> PathBuf {
+        self.root.join("text_encoder_frozen.safetensors")
+    }
     /// Sample clips rendered at checkpoints.
     pub fn sample(&self, step: usize, name: &str) -> Result<PathBuf> {
         let dir = self.root.join("samples");
