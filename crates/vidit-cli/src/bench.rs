@@ -257,18 +257,8 @@ fn named_case(
     let (shape, text_tokens) = named.inputs();
     // Initialised as trainable variables, then rebuilt from plain tensors: a loaded model's
     // weights are frozen, which is what inference kernels may rely on.
-    let varmap = candle_nn::VarMap::new();
-    WanTransformer3DModel::new(
-        config.clone(),
-        candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, device),
-    )?;
-    let weights: HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect();
+    let weights =
+        vidit::train::init::fresh_weights(device, |vb| WanTransformer3DModel::new(config.clone(), vb))?;
     if let Some(dir) = save.map(|dir| dir.join("transformer")) {
         std::fs::create_dir_all(&dir).with_context(|| format!("--save: cannot create {}", dir.display()))?;
         vidit::io::tensors::write_tensors(&dir.join("diffusion_pytorch_model.safetensors"), &weights)?;

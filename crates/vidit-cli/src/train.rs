@@ -2,7 +2,7 @@
 //! encoder, on the built-in `shapes` dataset; the result is a model folder `vidit generate` runs.
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
@@ -21,6 +21,7 @@ use vidit::train::data::folder::FolderDataset;
 use vidit::train::data::shapes::{ShapesDataset, Split};
 use vidit::train::data::{fixed_sample, ClipSource};
 use vidit::train::dit::{train_dit, DitTraining, DitWeights, LatentPool};
+use vidit::train::init::fresh_weights;
 use vidit::train::objective::Objective;
 use vidit::train::optim::{AdamWConfig, LrSchedule};
 use vidit::train::trainer::{RunDir, StepReport, TrainOptions, WithCheckpoints};
@@ -318,18 +319,7 @@ fn frozen_random_text_encoder(
         }
         return Ok(candle_core::safetensors::load(&path, &Device::Cpu)?);
     }
-    let varmap = candle_nn::VarMap::new();
-    Umt5EncoderModel::new(
-        config.clone(),
-        candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-    )?;
-    let weights: HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect();
+    let weights = fresh_weights(&Device::Cpu, |vb| Umt5EncoderModel::new(config.clone(), vb))?;
     std::fs::create_dir_all(&run.root).with_context(|| format!("{}: cannot create", run.root.display()))?;
     vidit::io::tensors::write_tensors(&path, &weights)?;
     Ok(weights)

@@ -28,6 +28,14 @@ fn train_dit_run(vae: &Path, out: &Path, steps: &str, extra: &[&str]) -> Output 
     vidit(&args)
 }
 
+/// A 2-step `vidit train --init` of `model` on a 2-clip pool, with `extra` flags.
+fn fine_tune(model: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec!["train", "--init", p(model), "--out", p(out), "--steps", "2", "--batch-size", "2"];
+    args.extend(["--pool", "2", "--quiet"]);
+    args.extend(extra);
+    ok(vidit(&args));
+}
+
 /// A 2-step [`train_dit_run`] that must succeed.
 fn train_dit(vae: &Path, out: &Path, extra: &[&str]) {
     ok(train_dit_run(vae, out, "2", extra));
@@ -204,24 +212,7 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
     // Fine-tuning a model folder starts from its weights: with a zero learning rate they come
     // back unchanged (to the EMA's rounding), beside its VAE and latent statistics.
     let tuned = dir.path().join("tuned");
-    ok(vidit(&[
-        "train",
-        "--init",
-        p(&model),
-        "--out",
-        p(&tuned),
-        "--steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--pool",
-        "2",
-        "--lr",
-        "0",
-        "--timestep-uniform",
-        "0.5",
-        "--quiet",
-    ]));
+    fine_tune(&model, &tuned, &["--lr", "0", "--timestep-uniform", "0.5"]);
     for (name, err) in changes(&model.join(TRANSFORMER), &tuned.join("model").join(TRANSFORMER))? {
         assert!(err < 1e-5, "{name}: {err}");
     }
@@ -309,21 +300,7 @@ fn a_frozen_text_encoder_stays_as_it_started() -> Result<()> {
     // Fine-tuning with it frozen keeps the --init model's text encoder.
     let tuned = dir.path().join("tuned");
     let model = run.join("model");
-    ok(vidit(&[
-        "train",
-        "--init",
-        p(&model),
-        "--freeze-text-encoder",
-        "--out",
-        p(&tuned),
-        "--steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--pool",
-        "2",
-        "--quiet",
-    ]));
+    fine_tune(&model, &tuned, &["--freeze-text-encoder"]);
     assert!(unchanged(&model.join(TEXT_ENCODER), &tuned.join("model").join(TEXT_ENCODER))?);
     // Resuming a frozen run without the flag (another set of variables), or with it where the
     // run has no frozen encoder, is refused.

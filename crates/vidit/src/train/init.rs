@@ -57,6 +57,18 @@ impl StartFrom {
     }
 }
 
+/// A model's freshly initialised weights (its constructor's own initialisation) as plain tensors,
+/// named as `build` asks for them: random weights to keep fixed or to write out.
+pub fn fresh_weights<M>(
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> Result<M>,
+) -> Result<HashMap<String, Tensor>> {
+    let varmap = VarMap::new();
+    build(VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    let vars = varmap.data().lock().expect("varmap lock");
+    Ok(vars.iter().map(|(name, var)| (name.clone(), var.as_tensor().detach())).collect())
+}
+
 impl SimpleBackend for StartFrom {
     fn get(
         &self,
