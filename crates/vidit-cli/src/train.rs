@@ -167,17 +167,21 @@ pub struct TrainVaeArgs {
     decoder_only: bool,
 }
 
+/// A flag's value must be a finite number above 0.
+fn positive(flag: &str, value: f64) -> Result<()> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(input_error(format!("{flag} {value}: must be a positive number")))
+    }
+}
+
 pub fn run_vae(args: TrainVaeArgs) -> Result<()> {
     let options = args.common.options(2e-3)?;
     if args.frames % 4 != 1 {
         return Err(input_error(format!("--frames {}: must be of the form 4k+1", args.frames)));
     }
-    if !(args.first_frame_weight.is_finite() && args.first_frame_weight > 0.0) {
-        return Err(input_error(format!(
-            "--first-frame-weight {}: must be a positive number",
-            args.first_frame_weight
-        )));
-    }
+    positive("--first-frame-weight", args.first_frame_weight)?;
     let (config, init) = match &args.init {
         Some(dir) => {
             let config: WanVaeConfig = load_config(&dir.join("config.json"))?;
@@ -336,12 +340,7 @@ fn load_weights(dir: &std::path::Path) -> Result<HashMap<String, Tensor>> {
 
 pub fn run_dit(args: TrainArgs) -> Result<()> {
     let options = args.common.options(1e-3)?;
-    if !(args.foreground_weight.is_finite() && args.foreground_weight > 0.0) {
-        return Err(input_error(format!(
-            "--foreground-weight {}: must be a positive number",
-            args.foreground_weight
-        )));
-    }
+    positive("--foreground-weight", args.foreground_weight)?;
     if !(0.0..=1.0).contains(&args.timestep_uniform) {
         return Err(input_error(format!("--timestep-uniform {}: must be in [0, 1]", args.timestep_uniform)));
     }
