@@ -3,14 +3,17 @@
 //! Besides text-to-video, each conditioned mode is scored on rendered ground-truth clips:
 //! image-to-video (and how well frame 0 keeps the image), keyframe interpolation (distance of the
 //! shape from the straight path between the keyframes), extension (the new frames, and the seam)
-//! and video-to-video (the colour changed to the prompt's, the motion kept).
+//! video-to-video (the colour changed to the prompt's, the motion kept) and restoration (a clip
+//! with pixel noise re-denoised under its own caption: how close it comes back to the clean one).
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use vidit::error::input_error;
+use vidit::noise::randn;
 use vidit::pipelines::extend::extend;
+use vidit::pipelines::video_to_video::RESTORE_STRENGTH;
 use vidit::pipelines::{Keyframes, TextToVideo, VideoToVideo, WanModel};
 use vidit::schedulers::from_config_file;
 use vidit::train::data::shapes::{analyze, centroids, render, Combination, Motion, Split, COLORS, SHAPES};
@@ -27,11 +30,15 @@ pub enum Mode {
     Extend,
     /// A rendered clip of another colour restyled to the prompt's at strength 0.6.
     Video,
+    /// A rendered clip with Gaussian pixel noise restored under its own caption at strength 0.3.
+    Restore,
 }
 
 /// Frames extension continues from (as `vidit generate --extend`).
 const EXTEND_CONTEXT: usize = 5;
 const VIDEO_STRENGTH: f64 = 0.6;
+/// Standard deviation of the pixel noise restoration is scored on (pixels in [0, 1]).
+const RESTORE_NOISE: f64 = 0.1;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -55,6 +62,9 @@ pub struct EvalArgs {
     /// What to generate and score.
     #[arg(long, value_enum, default_value = "text")]
     mode: Mode,
+    /// Strength of --mode video and restore [0.6; restore: as `vidit generate --restore`].
+    #[arg(long)]
+    strength: Option<f64>,
 }
 
 #[derive(Default)]
@@ -118,13 +128,14 @@ impl Score {
 fn measure_name(mode: Mode) -> Option<&'static str> {
     match mode {
         Mode::Text | Mode::Video => None,
+        Mode::Restore => Some("mean PSNR vs the clean clip (dB)"),
         Mode::Image => Some("mean PSNR of frame 0 vs the image (dB)"),
         Mode::Interpolate => Some("mean centroid distance from the keyframes' straight path (px)"),
         Mode::Extend => Some("mean seam change / mean frame-to-frame change"),
     }
 }
 
-/// Peak signal-to-noise ratio of two frames `(3, H, W)` in [0, 1].
+/// Peak signal-to-noise ratio of two frames `(3, H, W)`, or clips, in [0, 1].
 fn psnr(a: &Tensor, b: &Tensor) -> Result<f64> {
     let mse = (a - b)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
     Ok(-10.0 * mse.max(1e-12).log10())
@@ -143,6 +154,7 @@ fn score_one(
     model: &WanModel,
     request: TextToVideo,
     mode: Mode,
+    strength: f64,
     combo: Combination,
     score: &mut Score,
 ) -> Result<()> {
@@ -198,8 +210,16 @@ fn score_one(
             (new, changes[f - 1] / typical.max(1e-9))
         }
         Mode::Video => {
-            let v2v = VideoToVideo { request, video: truth, strength: VIDEO_STRENGTH, noise: None };
+            let v2v = VideoToVideo { request, video: truth, strength, noise: None };
             (v2v.run(model, scheduler.as_mut(), |_, _| {})?.frames, 0.0)
+        }
+        Mode::Restore => {
+            let grain = randn(request.seed ^ 0x6e6f_6973, truth.dims(), &model.device)?;
+            let noisy = (&truth + (grain * RESTORE_NOISE)?)?.clamp(0f32, 1f32)?;
+            let v2v = VideoToVideo { request, video: noisy, strength, noise: None };
+            let frames = v2v.run(model, scheduler.as_mut(), |_, _| {})?.frames;
+            let fidelity = psnr(&frames, &truth)?;
+            (frames, fidelity)
         }
     };
     score.add(combo, analyze(&scored)?.map(|a| a.combination));
@@ -238,10 +258,17 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let model = WanModel::open(&args.model, &Device::Cpu)?;
     let g = model.generation.clone();
     let steps = args.steps.unwrap_or(g.num_inference_steps);
-    if args.mode == Mode::Video && VideoToVideo::begin_index(steps, VIDEO_STRENGTH) == steps {
-        return Err(input_error(format!(
-            "--steps {steps}: video-to-video at strength {VIDEO_STRENGTH} would re-run no step"
-        )));
+    let strength =
+        args.strength.unwrap_or(if args.mode == Mode::Restore { RESTORE_STRENGTH } else { VIDEO_STRENGTH });
+    if args.strength.is_some() && !matches!(args.mode, Mode::Video | Mode::Restore) {
+        return Err(input_error("--strength: only with --mode video or restore"));
+    }
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(input_error(format!("--strength {strength}: must be in (0, 1]")));
+    }
+    if matches!(args.mode, Mode::Video | Mode::Restore) && VideoToVideo::begin_index(steps, strength) == steps
+    {
+        return Err(input_error(format!("--steps {steps}: strength {strength} would re-run no step")));
     }
     let mut scores = [Score::default(), Score::default()];
     let started = std::time::Instant::now();
@@ -261,7 +288,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                     args.seed.wrapping_add((split * args.n + i) as u64),
                 )
             };
-            score_one(&model, request, args.mode, combo, &mut scores[split])?;
+            score_one(&model, request, args.mode, strength, combo, &mut scores[split])?;
         }
     }
     println!("split     clips  color   shape  direction    all");

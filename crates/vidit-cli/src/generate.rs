@@ -11,6 +11,7 @@ use vidit::io::media::read_image;
 use vidit::io::media::Resize;
 use vidit::io::video::{check_writable, write_video, OutputFormat};
 use vidit::pipelines::extend::{extend, interpolate};
+use vidit::pipelines::video_to_video::RESTORE_STRENGTH;
 use vidit::pipelines::wan::WanConfigs;
 use vidit::pipelines::{Keyframes, TextToVideo, VideoToVideo, WanModel};
 use vidit::schedulers::{from_config_file, SchedulerKind};
@@ -300,7 +301,7 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, Job, Device, f64)> {
     }
     OutputFormat::from_path(&args.output)?.check_size(&args.output, s.width, s.height)?;
     let temporal = configs.vae.temporal_factor();
-    let strength = args.strength.unwrap_or(if args.restore { 0.3 } else { 0.8 });
+    let strength = args.strength.unwrap_or(if args.restore { RESTORE_STRENGTH } else { 0.8 });
     if !(strength > 0.0 && strength <= 1.0) {
         return Err(input_error(format!("--strength {strength}: must be in (0, 1]")));
     }

@@ -7,6 +7,10 @@ use super::wan::WanModel;
 use crate::schedulers::Scheduler;
 use anyhow::{bail, Result};
 
+/// The strength restoration (`vidit generate --restore`) re-denoises at: late enough in the
+/// schedule that the clip's content stays, early enough to remove noise and artefacts.
+pub const RESTORE_STRENGTH: f64 = 0.3;
+
 pub struct VideoToVideo {
     /// Prompt, size, steps, guidance and seed. `num_frames` must be the clip's; `init_latents`,
     /// when given, replace the noised clip altogether (diffusers' `latents` argument).
