@@ -12,6 +12,7 @@ use vidit::error::input_error;
 use vidit::io::video::write_video;
 use vidit::model_folder::{load_config, MappedWeights};
 use vidit::models::umt5::{Umt5Config, Umt5EncoderModel};
+use vidit::models::wan_transformer::WanTransformerConfig;
 use vidit::models::wan_vae::{AutoencoderKLWan, WanVaeConfig};
 use vidit::pipelines::wan::WanConfigs;
 use vidit::pipelines::{TextToVideo, WanModel};
@@ -246,6 +247,11 @@ pub struct TrainArgs {
     /// configs and latent statistics are kept.
     #[arg(long, conflicts_with = "vae")]
     init: Option<PathBuf>,
+    /// A config.json for the new DiT (the keys of diffusers' `WanTransformer3DModel`) instead of
+    /// the built-in model's: its in/out_channels must be the VAE's z_dim, its text_dim 64 (the
+    /// text encoder's width), its patch must tile the latents.
+    #[arg(long, conflicts_with = "init")]
+    transformer_config: Option<PathBuf>,
     /// Clips encoded once into the training pool of latents.
     #[arg(long, default_value_t = 2048)]
     pool: usize,
@@ -329,6 +335,45 @@ fn frozen_random_text_encoder(
     Ok(weights)
 }
 
+/// `--transformer-config`: a DiT config that fits the VAE's latents and the text encoder.
+fn read_transformer_config(
+    path: &std::path::Path,
+    vae: &WanVaeConfig,
+    text_dim: usize,
+) -> Result<WanTransformerConfig> {
+    let config: WanTransformerConfig = load_config(path)?;
+    let bad = |key: &str, why: String| input_error(format!("{}: {key}: {why}", path.display()));
+    for (key, value) in [("in_channels", config.in_channels), ("out_channels", config.out_channels)] {
+        if value != vae.z_dim {
+            return Err(bad(
+                key,
+                format!("{value}, but the VAE's latents have z_dim {} channels", vae.z_dim),
+            ));
+        }
+    }
+    if config.text_dim != text_dim {
+        return Err(bad(
+            "text_dim",
+            format!("{}, but the text encoder's output is {text_dim} wide", config.text_dim),
+        ));
+    }
+    if config.image_dim.is_some() {
+        return Err(bad("image_dim", "must be null: vidit trains text-to-video DiTs".into()));
+    }
+    let latent = [builtin::HEIGHT / vae.spatial_factor(), builtin::WIDTH / vae.spatial_factor()];
+    let [pt, ph, pw] = config.patch_size;
+    if pt != 1 || ph == 0 || pw == 0 || latent[0] % ph != 0 || latent[1] % pw != 0 {
+        return Err(bad(
+            "patch_size",
+            format!(
+                "{:?} must be [1, p, q] with p, q dividing the {}x{} latents",
+                config.patch_size, latent[0], latent[1]
+            ),
+        ));
+    }
+    Ok(config)
+}
+
 /// Every tensor of a component folder's weight files, on the CPU.
 fn load_weights(dir: &std::path::Path) -> Result<HashMap<String, Tensor>> {
     let mut weights = HashMap::new();
@@ -386,7 +431,10 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
         None => {
             let tokenizer = builtin::word_tokenizer(&data.vocabulary())?;
             let text_encoder = builtin::text_encoder_config(tokenizer.get_vocab_size(true));
-            let transformer = builtin::transformer_config(start.vae_config.z_dim, 64);
+            let transformer = match &args.transformer_config {
+                Some(path) => read_transformer_config(path, &start.vae_config, text_encoder.d_model)?,
+                None => builtin::transformer_config(start.vae_config.z_dim, text_encoder.d_model),
+            };
             (tokenizer, transformer, text_encoder, builtin::generation_config(), None)
         }
     };
