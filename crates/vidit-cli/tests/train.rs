@@ -184,16 +184,19 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
     let table =
         ok(vidit(&["eval", "--model", p(&model), "--prompts", p(&prompts), "--n", "1", "--steps", "1"]));
     assert!(table.contains("seen") && table.contains("held-out"), "{table}");
-    // Every conditioned mode runs on rendered clips and reports its own measure.
+    // Every conditioned mode runs on rendered clips and reports its own measure (restoration's
+    // strength raised so that 2 steps leave one to re-run).
     for (mode, measure) in [
-        ("image", "PSNR of frame 0"),
-        ("interpolate", "straight path"),
-        ("extend", "seam change"),
-        ("video", ""),
+        (vec!["image"], "PSNR of frame 0"),
+        (vec!["interpolate"], "straight path"),
+        (vec!["extend"], "seam change"),
+        (vec!["video"], ""),
+        (vec!["restore", "--strength", "0.5"], "vs the clean clip"),
     ] {
-        let args = ["eval", "--model", p(&model), "--prompts", p(&prompts), "--n", "1", "--steps", "2"];
-        let table = ok(vidit(&[&args[..], &["--mode", mode]].concat()));
-        assert!(table.contains("held-out") && table.contains(measure), "{mode}: {table}");
+        let args =
+            ["eval", "--model", p(&model), "--prompts", p(&prompts), "--n", "1", "--steps", "2", "--mode"];
+        let table = ok(vidit(&[&args[..], &mode].concat()));
+        assert!(table.contains("held-out") && table.contains(measure), "{mode:?}: {table}");
     }
     let zero_weight = vidit(&[
         "train",
@@ -272,10 +275,65 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
         let stderr = String::from_utf8_lossy(&bad.stderr);
         assert!(stderr.contains(named), "{stderr}");
     }
+    // --strength belongs to the modes that re-denoise a clip, and lies in (0, 1].
+    for (extra, named) in [
+        (["--mode", "text", "--strength", "0.5"], "--strength"),
+        (["--mode", "restore", "--strength", "1.5"], "--strength 1.5"),
+    ] {
+        let bad = vidit(&[&["eval", "--model", p(&model), "--prompts", p(&prompts)][..], &extra].concat());
+        assert_eq!(bad.status.code(), Some(2), "{extra:?}");
+        assert!(String::from_utf8_lossy(&bad.stderr).contains(named), "{extra:?}");
+    }
     std::fs::write(&prompts, "a red circle moving sideways\n")?;
     let bad = vidit(&["eval", "--model", p(&model), "--prompts", p(&prompts)]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("prompts.txt:1"));
+    Ok(())
+}
+
+#[test]
+fn a_transformer_config_file_shapes_the_new_dit() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    train_vae(&dir.path().join("vae-run"));
+    let vae_dir = dir.path().join("vae-run/vae");
+    let builtin = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/shapes/transformer/config.json");
+    let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(builtin)?)?;
+    let write = |name: &str, changes: serde_json::Value| -> Result<std::path::PathBuf> {
+        let mut config = base.clone();
+        for (key, value) in changes.as_object().unwrap() {
+            config[key] = value.clone();
+        }
+        let path = dir.path().join(name);
+        std::fs::write(&path, serde_json::to_string(&config)?)?;
+        Ok(path)
+    };
+    // A narrower, shallower DiT than the built-in one trains and is written with its config.
+    let small = write("small.json", serde_json::json!({"num_attention_heads": 2, "num_layers": 1}))?;
+    let run = dir.path().join("small");
+    train_dit(&vae_dir, &run, &["--transformer-config", p(&small)]);
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("model/transformer/config.json"))?)?;
+    assert_eq!((written["num_attention_heads"].as_u64(), written["num_layers"].as_u64()), (Some(2), Some(1)));
+    let weights =
+        candle_core::safetensors::load(run.join("model").join(TRANSFORMER), &candle_core::Device::Cpu)?;
+    assert_eq!(weights["patch_embedding.weight"].dims()[0], 2 * 32);
+    assert!(!weights.contains_key("blocks.1.ffn.net.2.weight"), "one layer only");
+    // A config that does not fit the VAE, the text encoder or the latents is refused, naming the
+    // file and the key; resuming with another config, as another model's checkpoint.
+    for (name, changes, named) in [
+        ("channels.json", serde_json::json!({"in_channels": 16}), "in_channels"),
+        ("text.json", serde_json::json!({"text_dim": 4096}), "text_dim"),
+        ("patch.json", serde_json::json!({"patch_size": [1, 3, 3]}), "patch_size"),
+    ] {
+        let path = write(name, changes)?;
+        let bad = train_dit_run(&vae_dir, &dir.path().join("bad"), "1", &["--transformer-config", p(&path)]);
+        assert_eq!(bad.status.code(), Some(2), "{name}");
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert!(stderr.contains(name) && stderr.contains(named), "{stderr}");
+    }
+    let bad = train_dit_run(&vae_dir, &run, "4", &["--resume"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("another model config"));
     Ok(())
 }
 
