@@ -6,26 +6,21 @@
 //!
 //!     cargo run --release -p vidit --example denoise_error -- [MODEL_DIR]
 
+mod shapes_probe;
+
 use anyhow::Result;
-use candle_core::{Device, Tensor};
-use std::path::PathBuf;
+use candle_core::Tensor;
+use shapes_probe::{distance, open_model};
 use vidit::noise::randn;
 use vidit::pipelines::denoise::encode_frames;
-use vidit::pipelines::wan::WanModel;
 use vidit::train::data::shapes::{render, Combination, Motion, COLORS, DIRECTIONS};
 
 /// Squares (with their circles) per noise level.
 const CLIPS: u64 = 16;
 
-/// L2 distance between two tensors of one shape.
-fn distance(a: &Tensor, b: &Tensor) -> Result<f32> {
-    Ok((a - b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?)
-}
-
 fn main() -> Result<()> {
-    let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "models/shapes".into()));
-    let device = Device::Cpu;
-    let model = WanModel::open(&dir, &device)?;
+    let model = open_model()?;
+    let device = model.device.clone();
     let g = &model.generation;
     let (w, h, f) = (g.width, g.height, g.num_frames);
     // Each square clip, the circle clip of the same motion, and the square's text context.

@@ -6,22 +6,17 @@
 //!
 //!     cargo run --release -p vidit --example word_influence -- [MODEL_DIR]
 
+mod shapes_probe;
+
 use anyhow::Result;
-use candle_core::{Device, Tensor};
-use std::path::PathBuf;
+use candle_core::Tensor;
+use shapes_probe::{distance, open_model};
 use vidit::pipelines::denoise::encode_frames;
-use vidit::pipelines::wan::WanModel;
 use vidit::train::data::shapes::{render, Combination, Motion};
 
-/// L2 distance between two tensors of one shape.
-fn distance(a: &Tensor, b: &Tensor) -> Result<f32> {
-    Ok((a - b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?)
-}
-
 fn main() -> Result<()> {
-    let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "models/shapes".into()));
-    let device = Device::Cpu;
-    let model = WanModel::open(&dir, &device)?;
+    let model = open_model()?;
+    let device = model.device.clone();
     let (width, height, frames) =
         (model.generation.width, model.generation.height, model.generation.num_frames);
     // The reference (red circle right) and one word swapped: (name, caption, combination).
@@ -35,7 +30,8 @@ fn main() -> Result<()> {
     let combos: Vec<Combination> = std::iter::once(reference).chain(swaps.iter().map(|s| s.1)).collect();
     let captions: Vec<String> = combos.iter().map(Combination::caption).collect();
     let text = model.text.encode(&captions, model.generation.max_sequence_length, &device)?; // (P, S, D)
-                                                                                             // The same motion for every clip: the latents differ by the swapped attribute alone.
+
+    // The same motion for every clip: the latents differ by the swapped attribute alone.
     let motion = Motion::from_seed(7, reference, width, height, frames);
     let latents: Vec<Tensor> = combos
         .iter()
