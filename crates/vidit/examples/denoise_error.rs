@@ -1,8 +1,8 @@
 //! How well a shapes model denoises: noisy latents of rendered squares at several noise levels σ,
 //! and how far the DiT's clean-latent prediction x̂0 = x_t − σ·v lands from the square's latents,
 //! from the latents of a circle with the same motion, and (for scale) how far the unscaled noisy
-//! input x_t / (1 − σ) is. A DiT that cannot carry its input through its residual stream stays
-//! near the input's error at low σ, and its prediction drifts towards the round shape.
+//! input x_t / (1 − σ) is. Where the prediction is barely nearer the square than the noisy input,
+//! the last sampling steps cannot sharpen a square's corners.
 //!
 //!     cargo run --release -p vidit --example denoise_error -- [MODEL_DIR]
 

@@ -57,10 +57,9 @@ pub fn vae_config() -> WanVaeConfig {
 
 /// (1, 4, 4) patches over the 16×16 latents: 16 tokens per latent frame, 80 per clip. (1, 2, 2)
 /// patches (320 tokens) were tried in the same 90-minute budget: lower loss, but fewer steps fit
-/// and the clips scored worse on shape and direction (see the model card). Width 192 (6 heads):
-/// a patch holds 4·4·8 = 128 latent values, and a DiT as wide as that has no room in its
-/// residual stream beside them, so it cannot carry a noisy input through to a sharp prediction;
-/// 3 layers keep the step as fast as the previous 4 of width 128.
+/// and the clips scored worse on shape and direction (see the model card). Width 192 (6 heads)
+/// in 3 layers: on a 2-core CPU a step as fast as 4 layers of width 128, at a far lower loss
+/// (0.23 against 0.42 after 3000 steps).
 pub fn transformer_config(z_dim: usize, text_dim: usize) -> WanTransformerConfig {
     WanTransformerConfig {
         patch_size: [1, 4, 4],
