@@ -263,7 +263,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.strength.is_some() && !matches!(args.mode, Mode::Video | Mode::Restore) {
         return Err(input_error("--strength: only with --mode video or restore"));
     }
-    if !(strength > 0.0 && strength <= 1.0) {
+    if !VideoToVideo::valid_strength(strength) {
         return Err(input_error(format!("--strength {strength}: must be in (0, 1]")));
     }
     if matches!(args.mode, Mode::Video | Mode::Restore) && VideoToVideo::begin_index(steps, strength) == steps

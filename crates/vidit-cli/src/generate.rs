@@ -302,7 +302,7 @@ fn validate(args: &GenerateArgs) -> Result<(WanConfigs, Job, Device, f64)> {
     OutputFormat::from_path(&args.output)?.check_size(&args.output, s.width, s.height)?;
     let temporal = configs.vae.temporal_factor();
     let strength = args.strength.unwrap_or(if args.restore { RESTORE_STRENGTH } else { 0.8 });
-    if !(strength > 0.0 && strength <= 1.0) {
+    if !VideoToVideo::valid_strength(strength) {
         return Err(input_error(format!("--strength {strength}: must be in (0, 1]")));
     }
     if args.extend == Some(0) || args.interpolate.is_some_and(|k| k < 2) {

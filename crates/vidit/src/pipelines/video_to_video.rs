@@ -24,6 +24,11 @@ pub struct VideoToVideo {
 }
 
 impl VideoToVideo {
+    /// Whether `strength` is one video-to-video takes: in (0, 1].
+    pub fn valid_strength(strength: f64) -> bool {
+        strength > 0.0 && strength <= 1.0
+    }
+
     /// The step the schedule is entered at: the first of its last ⌊steps·strength⌋ steps.
     pub fn begin_index(steps: usize, strength: f64) -> usize {
         steps - ((steps as f64 * strength) as usize).min(steps)
@@ -36,7 +41,7 @@ impl VideoToVideo {
         on_step: impl FnMut(usize, usize),
     ) -> Result<TextToVideoOutput> {
         let r = &self.request;
-        if !(self.strength > 0.0 && self.strength <= 1.0) {
+        if !Self::valid_strength(self.strength) {
             bail!("strength {} must be in (0, 1]", self.strength);
         }
         let begin = Self::begin_index(r.num_inference_steps, self.strength);
