@@ -199,7 +199,7 @@ fn training_step(batch_size: usize, warmup: usize, iters: usize, device: &Device
     use vidit::train::builtin;
     use vidit::train::data::shapes::{Combination, Split};
     use vidit::train::dit::{train_dit, DitTraining, LatentPool};
-    use vidit::train::objective::Objective;
+    use vidit::train::objective::{FlowPrediction, Objective};
     use vidit::train::trainer::{RunDir, StepReport, TrainOptions};
     if batch_size == 0 {
         return Err(input_error("--batch-size: must be at least 1"));
@@ -210,7 +210,7 @@ fn training_step(batch_size: usize, warmup: usize, iters: usize, device: &Device
     let setup = DitTraining {
         transformer: builtin::transformer_config(vae.z_dim, 64),
         text_encoder: builtin::text_encoder_config(tokenizer.get_vocab_size(true)),
-        objective: Objective::FlowMatching { shift: 3.0, uniform: 0.0 },
+        objective: Objective::FlowMatching { shift: 3.0, uniform: 0.0, prediction: FlowPrediction::Velocity },
         batch_size,
         max_sequence_length: generation.max_sequence_length,
         caption_dropout: 0.1,

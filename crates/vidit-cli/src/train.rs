@@ -23,7 +23,7 @@ use vidit::train::data::shapes::{ShapesDataset, Split};
 use vidit::train::data::{fixed_sample, ClipSource};
 use vidit::train::dit::{train_dit, DitTraining, DitWeights, LatentPool};
 use vidit::train::init::fresh_weights;
-use vidit::train::objective::Objective;
+use vidit::train::objective::{FlowPrediction, Objective};
 use vidit::train::optim::{AdamWConfig, LrSchedule};
 use vidit::train::trainer::{RunDir, StepReport, TrainOptions, WithCheckpoints};
 use vidit::train::vae::{reconstruction_strip, train_vae, VaeTraining};
@@ -235,6 +235,17 @@ pub enum ObjectiveArg {
     Ddpm,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PredictionArg {
+    Velocity,
+    Sample,
+}
+
+/// A flag's value as written on the command line.
+fn flag_value(value: impl clap::ValueEnum) -> String {
+    value.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string())
+}
+
 #[derive(Args)]
 pub struct TrainArgs {
     #[command(flatten)]
@@ -258,6 +269,10 @@ pub struct TrainArgs {
     /// Training objective: flow matching (sampled with UniPC) or DDPM ε-prediction (sampled with DDIM).
     #[arg(long, value_enum, default_value = "flow")]
     objective: ObjectiveArg,
+    /// What a flow-matching DiT outputs: the velocity (as Wan) or the clean latents (x-prediction,
+    /// scored on the velocity it implies; the model's scheduler config says `sample`).
+    #[arg(long, value_enum, default_value = "velocity")]
+    prediction: PredictionArg,
     /// Flow shift of the timestep sampling (and of the sampler written with the model).
     #[arg(long, default_value_t = 3.0)]
     shift: f64,
@@ -389,6 +404,20 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.timestep_uniform) {
         return Err(input_error(format!("--timestep-uniform {}: must be in [0, 1]", args.timestep_uniform)));
     }
+    let objective = match (args.objective, args.prediction) {
+        (ObjectiveArg::Flow, prediction) => Objective::FlowMatching {
+            shift: args.shift,
+            uniform: args.timestep_uniform,
+            prediction: match prediction {
+                PredictionArg::Velocity => FlowPrediction::Velocity,
+                PredictionArg::Sample => FlowPrediction::Sample,
+            },
+        },
+        (ObjectiveArg::Ddpm, PredictionArg::Velocity) => Objective::Ddpm,
+        (ObjectiveArg::Ddpm, PredictionArg::Sample) => {
+            return Err(input_error("--prediction sample: only with --objective flow (DDPM predicts ε)"))
+        }
+    };
     let run = args.common.run_dir()?;
     let device = Device::Cpu;
     let start = Start::read(&args)?;
@@ -396,26 +425,26 @@ pub fn run_dit(args: TrainArgs) -> Result<()> {
         AutoencoderKLWan::new(start.vae_config.clone(), MappedWeights::var_builder(&start.vae_dir, &device)?)
             .map_err(|e| input_error(format!("{}: {e:#}", start.vae_dir.display())))?;
     let data = args.common.dataset(builtin::FRAMES)?;
-    let objective = match args.objective {
-        ObjectiveArg::Flow => Objective::FlowMatching { shift: args.shift, uniform: args.timestep_uniform },
-        ObjectiveArg::Ddpm => Objective::Ddpm,
-    };
     let scheduler = builtin::scheduler_config(objective)?;
     let (tokenizer, transformer, text_encoder, generation, init) = match start.init {
         Some((configs, tokenizer, weights)) => {
             // A model keeps the objective it was trained with (its sampler depends on it).
             let theirs: serde_json::Value = load_config(&configs.scheduler_config)?;
-            if theirs["_class_name"] != scheduler["_class_name"] {
-                let flag = match args.objective {
-                    ObjectiveArg::Flow => "flow",
-                    ObjectiveArg::Ddpm => "ddpm",
-                };
+            let kind = |config: &serde_json::Value| {
+                let prediction = config["prediction_type"].as_str().unwrap_or("epsilon").to_string();
+                (config["_class_name"].as_str().unwrap_or("?").to_string(), prediction)
+            };
+            let (theirs, ours) = (kind(&theirs), kind(&scheduler));
+            if theirs != ours {
                 return Err(input_error(format!(
-                    "{}: a {} model; --objective {} trains for {}",
+                    "{}: a {} model predicting {}; --objective {} --prediction {} trains a {} model predicting {}",
                     configs.scheduler_config.display(),
-                    theirs["_class_name"],
-                    flag,
-                    scheduler["_class_name"]
+                    theirs.0,
+                    theirs.1,
+                    flag_value(args.objective),
+                    flag_value(args.prediction),
+                    ours.0,
+                    ours.1
                 )));
             }
             let unknown = vidit::pipelines::prompt::unknown_words(&tokenizer, &data.vocabulary().join(" "));

@@ -179,6 +179,33 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
     ]);
     assert_eq!(wrong.status.code(), Some(2), "an epsilon model with a flow sampler is refused");
 
+    // x-prediction: the model's scheduler config says it outputs samples; UniPC samples it, Euler
+    // (a velocity stepper) is refused naming the config.
+    let sample_run = dir.path().join("sample-run");
+    train_dit(&vae_dir, &sample_run, &["--prediction", "sample"]);
+    let scheduler_path = sample_run.join("model/scheduler/scheduler_config.json");
+    let scheduler: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&scheduler_path)?)?;
+    assert_eq!(scheduler["prediction_type"], "sample");
+    for (sampler, code) in [("unipc", Some(0)), ("euler", Some(2))] {
+        let run = vidit(&[
+            "generate",
+            "--model",
+            p(&sample_run.join("model")),
+            "--prompt",
+            "a red circle moving left",
+            "--scheduler",
+            sampler,
+            "--steps",
+            "2",
+            "--output",
+            p(&dir.path().join("sample.safetensors")),
+        ]);
+        assert_eq!(run.status.code(), code, "{sampler}: {}", String::from_utf8_lossy(&run.stderr));
+        if code == Some(2) {
+            assert!(String::from_utf8_lossy(&run.stderr).contains(p(&scheduler_path)));
+        }
+    }
+
     let prompts = dir.path().join("prompts.txt");
     std::fs::write(&prompts, "a red circle moving left\na green circle moving up\n")?;
     let table =
@@ -254,7 +281,9 @@ fn train_vae_then_dit_then_generate_and_eval() -> Result<()> {
     for (bad_args, named) in [
         (vec!["--init", "/nonexistent/model"], "/nonexistent/model"),
         (vec!["--init", p(&model), "--timestep-uniform", "1.5"], "--timestep-uniform"),
-        (vec!["--init", p(&ddpm_run.join("model"))], "--objective flow"),
+        (vec!["--init", p(&ddpm_run.join("model"))], "--objective flow --prediction velocity trains"),
+        (vec!["--init", p(&model), "--prediction", "sample"], "predicting flow_prediction"),
+        (vec!["--vae", p(&vae_dir), "--objective", "ddpm", "--prediction", "sample"], "--prediction sample"),
     ] {
         let out = dir.path().join("bad-run");
         let bad = vidit(&[&["train", "--out", p(&out), "--steps", "1"][..], &bad_args].concat());

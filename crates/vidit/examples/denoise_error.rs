@@ -1,5 +1,5 @@
 //! How well a shapes model denoises: noisy latents of rendered squares at several noise levels σ,
-//! and how far the DiT's clean-latent prediction x̂0 = x_t − σ·v lands from the square's latents,
+//! and how far the DiT's clean-latent prediction x̂0 (x_t − σ·v for a velocity model) lands from the square's latents,
 //! from the latents of a circle with the same motion, and (for scale) how far the unscaled noisy
 //! input x_t / (1 − σ) is. Where the prediction is barely nearer the square than the noisy input,
 //! the last sampling steps cannot sharpen a square's corners.
@@ -9,8 +9,7 @@
 mod shapes_probe;
 
 use anyhow::Result;
-use candle_core::Tensor;
-use shapes_probe::{distance, open_model};
+use shapes_probe::{distance, open_model, x0_predictor};
 use vidit::noise::randn;
 use vidit::pipelines::denoise::encode_frames;
 use vidit::train::data::shapes::{render, Combination, Motion, COLORS, DIRECTIONS};
@@ -20,6 +19,7 @@ const CLIPS: u64 = 16;
 
 fn main() -> Result<()> {
     let model = open_model()?;
+    let predict_x0 = x0_predictor(&model)?;
     let device = model.device.clone();
     let g = &model.generation;
     let (w, h, f) = (g.width, g.height, g.num_frames);
@@ -39,12 +39,11 @@ fn main() -> Result<()> {
     }
     println!("σ      input error   x̂0 to square   x̂0 to circle   square-circle gap   closer to the square");
     for sigma in [0.05f64, 0.1, 0.2, 0.3, 0.45, 0.6] {
-        let t = Tensor::new(&[(sigma * 1000.0) as f32], &device)?;
         let (mut input, mut to_square, mut to_circle, mut gap, mut closer) = (0f32, 0f32, 0f32, 0f32, 0);
         for (seed, (square, circle, context)) in clips.iter().enumerate() {
             let noise = randn(seed as u64 + 100, square.dims(), &device)?;
             let x = ((&noise * sigma)? + (square * (1.0 - sigma))?)?;
-            let x0 = (&x - (model.transformer.forward(&x, &t, context)? * sigma)?)?;
+            let x0 = predict_x0(&x, sigma, context)?;
             input += distance(&(&x / (1.0 - sigma))?, square)?;
             let (a, b) = (distance(&x0, square)?, distance(&x0, circle)?);
             to_square += a;

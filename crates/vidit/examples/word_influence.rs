@@ -1,6 +1,6 @@
 //! How much each word of the shapes grammar steers a model: swapping one word of a reference
 //! prompt ("a red circle moving right"), how far the text encoder's output moves, and how far the
-//! DiT's clean-latent prediction x̂0 = x_t − σ·v moves on the same noisy latents of a rendered
+//! DiT's clean-latent prediction x̂0 (x_t − σ·v for a velocity model) moves on the same noisy latents of a rendered
 //! red circle moving right, at several noise levels, beside the true gap between the two clips'
 //! latents. A word the model ignores moves little against its true gap.
 //!
@@ -10,12 +10,13 @@ mod shapes_probe;
 
 use anyhow::Result;
 use candle_core::Tensor;
-use shapes_probe::{distance, open_model};
+use shapes_probe::{distance, open_model, x0_predictor};
 use vidit::pipelines::denoise::encode_frames;
 use vidit::train::data::shapes::{render, Combination, Motion};
 
 fn main() -> Result<()> {
     let model = open_model()?;
+    let predict_x0 = x0_predictor(&model)?;
     let device = model.device.clone();
     let (width, height, frames) =
         (model.generation.width, model.generation.height, model.generation.num_frames);
@@ -48,15 +49,14 @@ fn main() -> Result<()> {
     for (i, (name, _)) in swaps.iter().enumerate() {
         let mut moves = Vec::new();
         for sigma in [0.95f64, 0.8, 0.6, 0.4, 0.2] {
-            let t = Tensor::new(&[(sigma * 1000.0) as f32], &device)?;
             let mut total = 0f32;
             for seed in 0..8u64 {
                 let noise = vidit::noise::randn(seed, latents[0].dims(), &device)?;
                 let x = ((&noise * sigma)? + (&latents[0] * (1.0 - sigma))?)?;
-                let x0 = |ctx| -> Result<Tensor> {
-                    Ok((&x - (model.transformer.forward(&x, &t, ctx)? * sigma)?)?)
-                };
-                total += distance(&x0(&contexts[0])?, &x0(&contexts[i + 1])?)?;
+                total += distance(
+                    &predict_x0(&x, sigma, &contexts[0])?,
+                    &predict_x0(&x, sigma, &contexts[i + 1])?,
+                )?;
             }
             moves.push(format!("{:.2}", total / 8.0));
         }

@@ -69,6 +69,34 @@ fn trajectories_from_fixed_model_outputs() -> Result<()> {
     Ok(())
 }
 
+/// diffusers' UniPC reads a `sample` output as x0 itself, a `flow_prediction` one as x − σ·v: fed
+/// the x0 the fixture's velocities imply, the sample-prediction path follows the same trajectory.
+#[test]
+fn unipc_sample_prediction_follows_the_flow_trajectory() -> Result<()> {
+    let record = load("schedulers.safetensors")?;
+    let sample0 = get(&record, "trajectory.sample");
+    let outputs = get(&record, "trajectory.model_outputs");
+    let mut s = UniPcMultistepScheduler::new(UniPcConfig {
+        prediction_type: "sample".into(),
+        use_flow_sigmas: true,
+        flow_shift: 3.0,
+        ..Default::default()
+    })?;
+    s.set_timesteps(6)?;
+    let mut x: Tensor = sample0.clone();
+    for i in 0..6 {
+        let x0 = (&x - outputs.get(i)?.affine(s.sigmas()[i] as f64, 0.0)?)?;
+        x = s.step(&x0, &x)?;
+        assert_close(
+            &format!("sample prediction step {i}"),
+            &x,
+            get(&record, &format!("unipc.shift3.steps6.trajectory.{i}")),
+            1e-6,
+        )?;
+    }
+    Ok(())
+}
+
 #[test]
 fn ddpm_and_ddim_match_diffusers() -> Result<()> {
     use vidit::schedulers::{BetaScheduleConfig, DdimScheduler, DdpmScheduler};

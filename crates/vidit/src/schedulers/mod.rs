@@ -87,6 +87,14 @@ pub fn from_config_file(
             if flow_config { "flow-matching" } else { "epsilon-prediction" }
         )));
     }
+    if kind == SchedulerKind::Euler && value.get("prediction_type").and_then(|v| v.as_str()) == Some("sample")
+    {
+        return Err(input_error(format!(
+            "{}: the model predicts clean samples (prediction_type \"sample\"); Euler steps velocity \
+             models: use unipc",
+            path.display()
+        )));
+    }
     // A UniPC config read as Euler keeps its shift, which UniPC calls `flow_shift`.
     let file_shift = value.get("shift").or_else(|| value.get("flow_shift")).and_then(|v| v.as_f64());
     let shift = shift.or(file_shift);

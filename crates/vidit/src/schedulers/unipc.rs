@@ -9,7 +9,8 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 /// Mirrors diffusers' config keys and defaults. vidit implements the flow-sigma, x0-prediction path
-/// that Wan uses; other options are rejected with the key's name.
+/// that Wan uses, for models that output the velocity (`flow_prediction`) or the clean sample
+/// (`sample`); other options are rejected with the key's name.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct UniPcConfig {
@@ -108,8 +109,12 @@ struct Coefficients {
 
 impl UniPcMultistepScheduler {
     pub fn new(config: UniPcConfig) -> Result<Self> {
-        if !config.use_flow_sigmas || config.prediction_type != "flow_prediction" {
-            bail!("UniPCMultistepScheduler: only use_flow_sigmas=true with prediction_type=\"flow_prediction\" is supported");
+        if !config.use_flow_sigmas || !matches!(config.prediction_type.as_str(), "flow_prediction" | "sample")
+        {
+            bail!(
+                "UniPCMultistepScheduler: only use_flow_sigmas=true with prediction_type \"flow_prediction\" \
+                 or \"sample\" is supported"
+            );
         }
         let unsupported = [
             (!config.predict_x0, "predict_x0=false"),
@@ -291,8 +296,12 @@ impl Scheduler for UniPcMultistepScheduler {
         if i >= self.timesteps.len() {
             bail!("scheduler stepped past its last timestep");
         }
-        // Flow prediction → x0 = x − σ·v.
-        let x0 = (sample - model_output.affine(self.sigmas[i] as f64, 0.0)?)?;
+        // Flow prediction → x0 = x − σ·v; a sample prediction is x0.
+        let x0 = if self.config.prediction_type == "sample" {
+            model_output.clone()
+        } else {
+            (sample - model_output.affine(self.sigmas[i] as f64, 0.0)?)?
+        };
         let use_corrector = i > 0 && !self.config.disable_corrector.contains(&(i - 1));
         let sample = match (&self.last_sample, use_corrector) {
             (Some(last), true) => self.correct(&x0, last, self.this_order)?,

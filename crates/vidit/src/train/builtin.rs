@@ -124,13 +124,13 @@ pub fn word_tokenizer(words: &[String]) -> Result<Tokenizer> {
 }
 
 /// The scheduler config a model trained with `objective` samples with: UniPC with flow sigmas
-/// for flow matching, DDIM (no clipping: latents are not bounded) for DDPM.
+/// for flow matching (its `prediction_type` saying what the model outputs), DDIM (no clipping: latents are not bounded) for DDPM.
 pub fn scheduler_config(objective: Objective) -> Result<serde_json::Value> {
     let (class, mut value) = match objective {
-        Objective::FlowMatching { shift, .. } => (
+        Objective::FlowMatching { shift, prediction, .. } => (
             "UniPCMultistepScheduler",
             serde_json::to_value(UniPcConfig {
-                prediction_type: "flow_prediction".into(),
+                prediction_type: prediction.prediction_type().into(),
                 use_flow_sigmas: true,
                 flow_shift: shift,
                 ..Default::default()

@@ -229,12 +229,12 @@ pub fn train_dit(
         let conditions: Vec<FrameCondition> =
             (0..setup.batch_size).map(|_| FrameCondition::sample(rng, t)).collect();
         let noised = setup.objective.noise(&x0, &conditions, tokens_per_frame, rng)?;
-        let prediction = transformer.forward(&noised.inputs, &noised.timesteps, &context)?;
+        let output = transformer.forward(&noised.inputs, &noised.timesteps, &context)?;
         let weight = match &position_weight {
-            None => noised.loss_mask,
+            None => noised.loss_mask.clone(),
             Some(w) => noised.loss_mask.broadcast_mul(&w.index_select(&picks_t, 0)?)?, // (B, 1, T, h, w)
         };
-        masked_mse(&prediction, &noised.target, &weight)
+        masked_mse(&noised.prediction(&output)?, &noised.target, &weight)
     };
     Ok(setup.weights(&train(&varmap, options, run, loss, observer)?))
 }

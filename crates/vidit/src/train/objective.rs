@@ -10,13 +10,39 @@ use rand_chacha::ChaCha8Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Objective {
-    /// Rectified flow: x_σ = (1 − σ)·x0 + σ·ε, target v = ε − x0, σ logit-normal then shifted,
-    /// except for a share `uniform` of the draws, uniform on (0, 1): shift 3 puts 2.6% of the
-    /// draws below σ 0.3, where the last sampling steps refine the details.
-    FlowMatching { shift: f64, uniform: f64 },
+    /// Rectified flow: x_σ = (1 − σ)·x0 + σ·ε, loss on the velocity v = ε − x0, σ logit-normal
+    /// then shifted, except for a share `uniform` of the draws, uniform on (0, 1): shift 3 puts
+    /// 2.6% of the draws below σ 0.3, where the last sampling steps refine the details.
+    FlowMatching { shift: f64, uniform: f64, prediction: FlowPrediction },
     /// DDPM ε-prediction with diffusers' linear β schedule (1e-4 … 0.02 over 1000 steps).
     Ddpm,
 }
+
+/// What a flow-matching model's output is. Either way the loss is on the velocity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowPrediction {
+    /// The velocity v itself (Wan's `flow_prediction`).
+    Velocity,
+    /// The clean latents x̂0 (diffusers' `sample`), turned into v̂ = (x_σ − x̂0)/σ for the loss,
+    /// as in Li & He, "Back to Basics: Let Denoising Generative Models Denoise" (2025): clean
+    /// latents lie near a low-dimensional set a narrow network can reach, where v carries the full
+    /// noise it must reproduce exactly at low σ.
+    Sample,
+}
+
+impl FlowPrediction {
+    /// The scheduler config's `prediction_type` for this output.
+    pub fn prediction_type(self) -> &'static str {
+        match self {
+            Self::Velocity => "flow_prediction",
+            Self::Sample => "sample",
+        }
+    }
+}
+
+/// The smallest σ a sample prediction is divided by: below it v̂ would amplify the model's error
+/// without bound (Li & He clip 1 − t the same way).
+pub const SAMPLE_SIGMA_MIN: f64 = 0.05;
 
 /// Which latent frames of a clip are given (clean) rather than generated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +93,20 @@ pub struct NoisedBatch {
     pub target: Tensor,
     /// `(B, 1, T, 1, 1)`: 1 where the loss counts.
     pub loss_mask: Tensor,
+    /// For sample prediction, the per-sample max(σ, [`SAMPLE_SIGMA_MIN`]) `(B, 1, 1, 1, 1)`
+    /// that turns x̂0 into a velocity.
+    sample_sigma: Option<Tensor>,
+}
+
+impl NoisedBatch {
+    /// The model's output in the target's units: itself, or for sample prediction the velocity
+    /// (x_σ − x̂0)/σ it implies.
+    pub fn prediction(&self, output: &Tensor) -> Result<Tensor> {
+        Ok(match &self.sample_sigma {
+            None => output.clone(),
+            Some(sigma) => (&self.inputs - output)?.broadcast_div(sigma)?,
+        })
+    }
 }
 
 impl Objective {
@@ -93,10 +133,11 @@ impl Objective {
             Objective::Ddpm => crate::schedulers::BetaScheduleConfig::default().alphas_cumprod(),
             Objective::FlowMatching { .. } => vec![],
         };
+        let mut sample_sigma = Vec::with_capacity(b);
         for condition in conditions {
             keep.extend(condition.mask(t));
             match *self {
-                Objective::FlowMatching { shift, uniform } => {
+                Objective::FlowMatching { shift, uniform, .. } => {
                     // Without a uniform share no extra number is drawn: older runs keep their stream.
                     let sigma = if uniform > 0.0 && rng.random::<f64>() < uniform {
                         1.0 - rng.random::<f64>() // (0, 1]
@@ -107,6 +148,7 @@ impl Objective {
                     coef_x0.push((1.0 - sigma) as f32);
                     coef_noise.push(sigma as f32);
                     model_t.push((sigma * 1000.0) as f32);
+                    sample_sigma.push(sigma.max(SAMPLE_SIGMA_MIN) as f32);
                 }
                 Objective::Ddpm => {
                     let step = rng.random_range(0..alphas_cumprod.len());
@@ -123,9 +165,15 @@ impl Objective {
         let noised = (x0.broadcast_mul(&a)? + noise.broadcast_mul(&s)?)?;
         // Given frames stay clean.
         let inputs = (x0.broadcast_mul(&keep)? + noised.broadcast_mul(&keep.affine(-1.0, 1.0)?)?)?;
-        let target = match self {
-            Objective::FlowMatching { .. } => (&noise - x0)?,
-            Objective::Ddpm => noise,
+        let (target, sample_sigma) = match *self {
+            Objective::FlowMatching { prediction: FlowPrediction::Velocity, .. } => ((&noise - x0)?, None),
+            // v = (x_σ − x0)/σ, divided by the same clipped σ as the prediction (equal to ε − x0
+            // above the clip); 0 on given frames, where x_σ = x0.
+            Objective::FlowMatching { prediction: FlowPrediction::Sample, .. } => {
+                let sigma = per_sample(sample_sigma)?;
+                ((&inputs - x0)?.broadcast_div(&sigma)?, Some(sigma))
+            }
+            Objective::Ddpm => (noise, None),
         };
         // (B, T) frame timesteps → (B, T·tokens_per_frame).
         let frame_t = Tensor::from_vec(model_t, (b, 1), device)?
@@ -134,7 +182,7 @@ impl Objective {
             .unsqueeze(2)?
             .broadcast_as((b, t, tokens_per_frame))?
             .reshape((b, t * tokens_per_frame))?;
-        Ok(NoisedBatch { inputs, timesteps, target, loss_mask: keep.affine(-1.0, 1.0)? })
+        Ok(NoisedBatch { inputs, timesteps, target, loss_mask: keep.affine(-1.0, 1.0)?, sample_sigma })
     }
 }
 
@@ -162,7 +210,8 @@ mod tests {
     fn given_frames_stay_clean_with_timestep_zero() -> Result<()> {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let x0 = crate::noise::randn(1, &[2, 4, 3, 4, 4], &Device::Cpu)?;
-        for objective in [Objective::FlowMatching { shift: 3.0, uniform: 0.5 }, Objective::Ddpm] {
+        let flow = |prediction| Objective::FlowMatching { shift: 3.0, uniform: 0.5, prediction };
+        for objective in [flow(FlowPrediction::Velocity), flow(FlowPrediction::Sample), Objective::Ddpm] {
             let conditions = [FrameCondition::First, FrameCondition::None];
             let batch = objective.noise(&x0, &conditions, 4, &mut rng)?;
             let diff = (&batch.inputs - &x0)?.abs()?;
@@ -186,7 +235,8 @@ mod tests {
         let x0 = Tensor::zeros((1, 1, 1, 1, 1), DType::F32, &Device::Cpu)?;
         let low_share = |uniform: f64| -> Result<f64> {
             let mut rng = ChaCha8Rng::seed_from_u64(1);
-            let objective = Objective::FlowMatching { shift: 3.0, uniform };
+            let objective =
+                Objective::FlowMatching { shift: 3.0, uniform, prediction: FlowPrediction::Velocity };
             let mut low = 0;
             for _ in 0..20_000 {
                 let t = objective.noise(&x0, &[FrameCondition::None], 1, &mut rng)?.timesteps;
@@ -197,6 +247,42 @@ mod tests {
         let (alone, mixed) = (low_share(0.0)?, low_share(0.5)?);
         assert!((alone - 0.026).abs() < 0.005, "{alone}");
         assert!((mixed - (0.5 * 0.026 + 0.5 * 0.3)).abs() < 0.01, "{mixed}");
+        Ok(())
+    }
+
+    #[test]
+    fn sample_prediction_is_scored_as_the_velocity_it_implies() -> Result<()> {
+        // All draws uniform, so that some fall below the clip.
+        let x0 = crate::noise::randn(2, &[256, 2, 2, 2, 2], &Device::Cpu)?;
+        let conditions = vec![FrameCondition::First; 256];
+        let noise_for = |prediction| -> Result<NoisedBatch> {
+            let objective = Objective::FlowMatching { shift: 3.0, uniform: 1.0, prediction };
+            objective.noise(&x0, &conditions, 4, &mut ChaCha8Rng::seed_from_u64(3))
+        };
+        let (velocity, sample) = (noise_for(FlowPrediction::Velocity)?, noise_for(FlowPrediction::Sample)?);
+        let max_abs = |t: Tensor| -> Result<f32> { Ok(t.abs()?.max_all()?.to_scalar::<f32>()?) };
+        // The same draws, so the same noised inputs; a velocity model's output passes unchanged.
+        assert_eq!(max_abs((&velocity.inputs - &sample.inputs)?)?, 0.0);
+        assert_eq!(max_abs((velocity.prediction(&x0)? - &x0)?)?, 0.0);
+        // Per sample, on its generated frame 1: the target is ε − x0, and an x̂0 off by δ costs
+        // δ / max(σ, σ_min) in velocity units.
+        let delta = 0.01;
+        let off = sample.prediction(&x0.affine(1.0, delta)?)?;
+        let frame1 = |t: &Tensor, i: usize| t.get(i).and_then(|t| t.narrow(1, 1, 1));
+        let sigmas: Vec<f32> = sample.timesteps.narrow(1, 4, 1)?.flatten_all()?.to_vec1()?;
+        let mut clipped = 0;
+        for (i, &t) in sigmas.iter().enumerate() {
+            let sigma = f64::from(t) / 1000.0;
+            let clip = sigma.max(SAMPLE_SIGMA_MIN);
+            clipped += usize::from(sigma < SAMPLE_SIGMA_MIN);
+            let exact = max_abs((frame1(&sample.target, i)? - frame1(&velocity.target, i)?)?)?;
+            if sigma > SAMPLE_SIGMA_MIN {
+                assert!(exact < 1e-5 / clip as f32, "σ {sigma}: target off by {exact}");
+            }
+            let cost = (frame1(&off, i)? - frame1(&sample.target, i)?)?.mean_all()?.to_scalar::<f32>()?;
+            assert!((cost + (delta / clip) as f32).abs() < 1e-3, "σ {sigma}: {cost}");
+        }
+        assert!(clipped > 0 && clipped < 256, "the draws reach below and above the clip: {clipped}");
         Ok(())
     }
 
